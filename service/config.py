@@ -1,0 +1,67 @@
+"""Process settings. One pydantic-settings class per process kind, built once in the entry point
+and passed explicitly: nothing reads the environment after start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OCTOGRAPH_", extra="ignore")
+
+    config: Path = Field(Path("configs/local.yaml"), description="graph YAML file")
+    host: str = "127.0.0.1"
+    port: PositiveInt = 8000
+    metrics_port: int | None = Field(
+        None, description="serve /metrics on this separate port instead of behind auth"
+    )
+
+    # Admission: refuse instead of queueing without bound.
+    max_inflight: PositiveInt = 256
+    max_inflight_per_node: PositiveInt = 128
+    max_body_bytes: PositiveInt = 2 * 1024 * 1024
+
+    # Deadlines: every request and every worker call is bounded.
+    request_timeout_s: PositiveFloat = 300.0
+    stream_idle_timeout_s: PositiveFloat = 60.0
+    worker_connect_timeout_s: PositiveFloat = 2.0
+    worker_read_timeout_s: PositiveFloat = 120.0
+    shutdown_grace_s: PositiveFloat = 30.0
+
+    # Health of workers: probe period and how long a failing replica sits out.
+    health_interval_s: PositiveFloat = 2.0
+    cooldown_s: PositiveFloat = 5.0
+
+    # Auth: empty = open (embedded default, loopback only).
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    rate_limit_rpm: int | None = None
+    rate_limit_tpm: int | None = None
+
+    log_json: bool = True
+    log_level: str = "INFO"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OCTOGRAPH_WORKER_", extra="ignore")
+
+    model: str = Field(..., description="packaged model name or a model directory")
+    served_name: str | None = None
+    host: str = "127.0.0.1"
+    port: PositiveInt = 8001
+    max_model_len: PositiveInt = 2048
+    max_num_seqs: PositiveInt = 64
+    dtype: str = "bfloat16"
+    threads: int | None = Field(None, description="CPU threads for the engine (CPU builds)")
+    kv_cache_gib: PositiveFloat = 2.0
+    max_inflight: PositiveInt = 256
+    shutdown_grace_s: PositiveFloat = 30.0
+    enable_capture: bool = Field(
+        True, description="full-distribution capture for byte-level scoring (ensembles)"
+    )
+    cache_dir: Path | None = None
+    log_json: bool = True
+    log_level: str = "INFO"

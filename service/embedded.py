@@ -1,0 +1,179 @@
+"""`octograph up`: the whole graph on one machine. Prepares models, starts one worker process
+per model, waits until they are ready (with progress), then serves the gateway in this process.
+On Ctrl-C/SIGTERM the gateway drains, then the workers get SIGTERM (their process groups, so
+vLLM's engine-core children go too), then SIGKILL after a grace period: no orphans."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from service.config import GatewaySettings
+from service.router.graph import GraphConfig, load_graph
+
+READY_TIMEOUT_S = 900.0
+STOP_GRACE_S = 20.0
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def say(msg: str) -> None:
+    print(f"[octograph] {msg}", file=sys.stderr, flush=True)
+
+
+def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
+    """Prepare what is missing (packaged models, router builds) and return each model's dir."""
+    from service.models import packaged
+
+    needed = sorted({s.packaged for s in graph.models.values() if s.packaged and not s.urls})
+    if needed:
+        for r in packaged.prepare_models(needed, progress=True):
+            if r.status != "ready":
+                say(f"prepared {r.name} in {r.seconds:.0f}s")
+    dirs: dict[str, Path] = {}
+    for name, spec in graph.models.items():
+        if spec.urls:
+            continue
+        if spec.packaged:
+            dirs[name] = packaged.model_dir(spec.packaged)
+        elif spec.path:
+            path = Path(os.path.expandvars(spec.path)).expanduser()
+            if not path.is_absolute() and not path.exists():
+                path = packaged.default_cache_dir() / spec.path
+            if not (path / "config.json").is_file() and spec.build is not None:
+                from service.router.build import build_router_from_spec
+
+                say(f"building router model '{name}' (first run only)")
+                build_router_from_spec(graph, config_path, spec.build, path)
+            dirs[name] = path
+    return dirs
+
+
+def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> list[WorkerProcess]:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 2) // max(1, len(dirs)))
+    workers = []
+    for name, path in dirs.items():
+        port = free_port()
+        log_path = log_dir / f"worker-{name}.log"
+        log_file: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - owned by the child
+        cmd = [
+            sys.executable, "-m", "service.cli", "worker", "--model", str(path),
+            "--served-name", name, "--port", str(port), "--threads", str(threads),
+            "--max-model-len", str(graph.models[name].max_model_len),
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "OCTOGRAPH_WORKER_LOG_JSON": "true"},
+        )
+        workers.append(WorkerProcess(name, port, proc, log_path))
+    return workers
+
+
+def wait_ready(workers: list[WorkerProcess], timeout_s: float = READY_TIMEOUT_S) -> None:
+    t0 = time.monotonic()
+    pending = {w.name: w for w in workers}
+    last_line = ""
+    with httpx.Client(timeout=2.0, trust_env=False) as client:
+        while pending:
+            for name, w in list(pending.items()):
+                if w.proc.poll() is not None:
+                    tail = w.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"worker '{name}' exited ({w.proc.returncode}):\n{tail}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{w.url}/readyz").status_code == 200:
+                        del pending[name]
+            elapsed = time.monotonic() - t0
+            done = len(workers) - len(pending)
+            line = (f"workers ready {done}/{len(workers)} "
+                    f"[{'#' * done}{'.' * len(pending)}] {elapsed:5.0f}s  "
+                    f"waiting: {', '.join(pending) or '-'}")
+            if sys.stderr.isatty():
+                print(f"\r{line}", end="", file=sys.stderr, flush=True)
+            elif line.split("s  ")[1] != last_line:
+                say(line)
+                last_line = line.split("s  ")[1]
+            if elapsed > timeout_s:
+                raise TimeoutError(f"workers not ready after {timeout_s:.0f}s: {', '.join(pending)}")
+            if pending:
+                time.sleep(0.5)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+
+
+def stop_workers(workers: list[WorkerProcess], grace_s: float = STOP_GRACE_S) -> None:
+    for w in workers:
+        if w.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(w.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        # The group may hold vLLM's engine-core child even after the worker itself exited.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(w.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(timeout=5)
+
+
+def run_embedded(config_path: Path, *, host: str, port: int) -> int:
+    from service.gateway.app import build_gateway_app
+    from service.observability.logging import setup_logging
+    from service.serving import Lifecycle, serve
+
+    settings = GatewaySettings(config=config_path, host=host, port=port)
+    setup_logging(settings.log_level, settings.log_json)
+    graph = load_graph(config_path)
+    dirs = model_dirs(graph, config_path)
+    log_dir = Path(os.environ.get("OCTOGRAPH_LOG_DIR", ".octograph/logs"))
+    say(f"starting {len(dirs)} workers: {', '.join(dirs)} (logs in {log_dir}/)")
+    t0 = time.monotonic()
+    workers = start_workers(graph, dirs, log_dir)
+    # SIGTERM during start-up must still reap the workers.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        wait_ready(workers)
+        say(f"all workers ready in {time.monotonic() - t0:.1f}s; gateway on http://{host}:{port}")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        lifecycle = Lifecycle()
+        app = build_gateway_app(
+            settings, graph, lifecycle=lifecycle, urls={w.name: [w.url] for w in workers}
+        )
+        serve(app, host, port, lifecycle, settings.shutdown_grace_s)
+    except KeyboardInterrupt:
+        say("interrupted")
+    except (RuntimeError, TimeoutError) as exc:
+        say(f"error: {exc}")
+        return 1
+    finally:
+        say("stopping workers")
+        stop_workers(workers)
+        say("stopped")
+    return 0

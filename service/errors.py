@@ -1,0 +1,96 @@
+"""The one error taxonomy. Every failure a client can see is a ServiceError subclass; the
+gateway and the workers map them to HTTP status + OpenAI error body in exactly one place
+(`service.gateway.errors_http`)."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+
+
+class ServiceError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = sanitize_message(message)
+        self.param = param
+        self.code = code
+
+    def to_body(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequest(ServiceError):
+    status, type = 400, "invalid_request_error"
+
+
+class ContextLengthExceeded(BadRequest):
+    def __init__(self, message: str, *, param: str | None = "messages"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class Unauthorized(ServiceError):
+    status, type = 401, "authentication_error"
+
+
+class NotFound(ServiceError):
+    status, type = 404, "not_found_error"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type = 413, "invalid_request_error"
+
+
+class Overloaded(ServiceError):
+    status, type = 429, "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str = "overloaded"):
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamError(ServiceError):
+    """A worker failed or answered with an error we cannot hand to the client as a 4xx."""
+
+    status, type = 502, "upstream_error"
+
+
+class Unavailable(ServiceError):
+    status, type = 503, "service_unavailable"
+
+
+class DeadlineExceeded(ServiceError):
+    status, type = 504, "timeout"
+
+
+class NotImplementedFeature(ServiceError):
+    status, type = 501, "not_implemented"
+
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+_PATH = re.compile(r"(?<![\w.])/(?:[\w.\-]+/)+[\w.\-]*")
+
+
+def sanitize_message(message: str) -> str:
+    """Strip memory addresses and file-system paths: messages reach untrusted clients."""
+    message = _ADDRESS.sub("0x…", message)
+    return _PATH.sub("<path>", message)
+
+
+def error_from_status(status: int, message: str, code: str | None = None) -> ServiceError:
+    """Rebuild a ServiceError from a status code (e.g. a worker's error reply)."""
+    for cls in (BadRequest, NotFound, PayloadTooLarge, Overloaded, Unavailable, DeadlineExceeded):
+        if cls.status == status:
+            if cls is Overloaded:
+                return Overloaded(message)
+            return cls(message, code=code)
+    return UpstreamError(message, code=code)

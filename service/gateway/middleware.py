@@ -1,0 +1,138 @@
+"""Pure-ASGI middleware (not BaseHTTPMiddleware, which breaks streaming and cancellation):
+request ids, auth, body-size limit, draining and global admission, in that order."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+from service.errors import (
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+)
+from service.gateway.auth import ApiKeys
+from service.observability.metrics import GatewayMetrics
+from service.serving import Lifecycle
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/livez", "/readyz"})
+ADMITTED_PREFIXES = ("/v1/",)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+async def send_error(send: Send, error: ServiceError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", b"application/json"), *(extra or [])]
+    if isinstance(error, Overloaded):
+        headers.append((b"retry-after", str(max(1, round(error.retry_after_s))).encode()))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": orjson.dumps(error.to_body())})
+
+
+class GatewayMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: ApiKeys,
+        lifecycle: Lifecycle,
+        metrics: GatewayMetrics,
+        max_inflight: int,
+        max_body_bytes: int,
+        metrics_open: bool,
+    ) -> None:
+        self.app = app
+        self.keys = keys
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.max_inflight = max_inflight
+        self.max_body = max_body_bytes
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if metrics_open else set())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = self._request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        rid_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], rid_header]
+            await send(message)
+
+        path: str = scope["path"]
+        if path not in self.open_paths:
+            error = self.keys.check(_header(scope, b"authorization"), path)
+            if error is not None:
+                await send_error(send_with_id, error, [(b"www-authenticate", b"Bearer")])
+                return
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await send_error(send_with_id, PayloadTooLarge(
+                f"the request body is larger than {self.max_body} bytes"))
+            return
+        if not path.startswith(ADMITTED_PREFIXES):
+            await self.app(scope, _limited(receive, self.max_body), send_with_id)
+            return
+        if self.lifecycle.draining:
+            await send_error(send_with_id, Unavailable("the gateway is shutting down"))
+            return
+        if self.lifecycle.inflight >= self.max_inflight:
+            self.metrics.rejected.labels("gateway").inc()
+            await send_error(send_with_id, Overloaded("the gateway is at capacity; retry shortly"))
+            return
+        self.lifecycle.enter()
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, _limited(receive, self.max_body), send_with_id)
+        finally:
+            self.metrics.inflight.dec()
+            self.lifecycle.leave()
+
+    @staticmethod
+    def _request_id(scope: Scope) -> str:
+        given = _header(scope, b"x-request-id")
+        if given and _REQUEST_ID.match(given):
+            return given
+        return uuid.uuid4().hex
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return bytes(v).decode("latin-1")
+    return None
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _limited(receive: Receive, limit: int) -> Receive:
+    """Counts streamed (chunked) bodies too: Content-Length is not always sent."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+        return message
+
+    return wrapped

@@ -1,0 +1,35 @@
+"""Liveness, readiness and metrics: each probe has one job."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.gateway.routes.deps import StateDep
+
+router = APIRouter()
+
+
+@router.get("/livez", include_in_schema=False)
+async def livez() -> dict[str, str]:
+    """Process alive; never touches a worker."""
+    return {"status": "alive"}
+
+
+@router.get("/readyz", include_in_schema=False)
+async def readyz(state: StateDep) -> Response:
+    """Graph loaded, every model has a healthy replica, not draining."""
+    models = {name: pool.ready for name, pool in state.pools.pools.items()}
+    if state.lifecycle.draining:
+        return JSONResponse({"status": "draining", "models": models}, status_code=503)
+    ready = all(models.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "waiting for workers", "models": models},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(state: StateDep) -> Response:
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)

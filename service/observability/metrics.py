@@ -1,0 +1,73 @@
+"""Prometheus collectors. Each process owns a registry; labels are bounded (node ids come from
+the graph file, status classes and reasons from fixed sets)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ROUTING_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.inflight = Gauge(
+            "octograph_worker_inflight_requests", "Generate streams open", registry=registry
+        )
+        self.tokens = Counter(
+            "octograph_worker_generated_tokens", "Tokens streamed", registry=registry
+        )
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.inflight = Gauge(
+            "octograph_gateway_inflight_requests", "Requests being served", registry=registry
+        )
+        self.requests = Counter(
+            "octograph_requests",
+            "Requests by target node and status class",
+            ["node", "status_class"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "octograph_request_errors",
+            "Failed requests by node and reason",
+            ["node", "reason"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "octograph_admission_rejected", "Requests refused by admission", ["scope"],
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "octograph_ttft_seconds", "Time to first token", ["node"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.duration = Histogram(
+            "octograph_request_duration_seconds", "End-to-end latency", ["node"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.routing = Counter(
+            "octograph_routing_decisions", "Routing decisions", ["router", "node"],
+            registry=registry,
+        )
+        self.routing_latency = Histogram(
+            "octograph_routing_latency_seconds", "Time spent routing (all hops)",
+            buckets=ROUTING_BUCKETS, registry=registry,
+        )
+        self.tokens = Counter(
+            "octograph_completion_tokens", "Completion tokens served", ["node"], registry=registry
+        )
+        self.worker_up = Gauge(
+            "octograph_worker_up", "1 if the replica passed its last health probe",
+            ["model", "replica"], registry=registry,
+        )
+        self.ensemble_bytes_per_s = Gauge(
+            "octograph_ensemble_bytes_per_second", "Byte rate of the last ensemble request",
+            ["node"], registry=registry,
+        )
+        self.retries = Counter(
+            "octograph_retries", "Requests retried before their first byte", ["node"],
+            registry=registry,
+        )

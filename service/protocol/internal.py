@@ -1,0 +1,148 @@
+"""Wire schemas between the gateway and a worker (JSON; streams are NDJSON, one event a line).
+
+The gateway builds requests with these models; on the hot path it reads the worker's stream as
+plain dicts (orjson) shaped like the TypedDicts below rather than constructing a model per chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NotRequired, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class InternalModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatTurn(InternalModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SamplingOptions(InternalModel):
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="None: off; k: chosen + top-k")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    ignore_eos: bool = False
+
+
+class GenerateRequest(InternalModel):
+    """Exactly one of messages / prompt / prompt_token_ids."""
+
+    request_id: str
+    messages: list[ChatTurn] | None = None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    add_generation_prompt: bool = True
+    assistant_prefix: str = Field("", description="text appended after the generation prompt")
+    sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+
+
+class ScoreQuery(InternalModel):
+    """Next-token scores after a prefix: chat messages (the worker applies its template, then
+    `assistant_prefix`), text (worker tokenizes) or token ids."""
+
+    messages: list[ChatTurn] | None = None
+    assistant_prefix: str = ""
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] = Field(default_factory=list, max_length=128)
+    top_k: int = Field(0, ge=0, le=20)
+
+
+class ScoreRequest(InternalModel):
+    request_id: str
+    queries: list[ScoreQuery] = Field(..., min_length=1, max_length=256)
+
+
+class ScoreResult(InternalModel):
+    prompt_tokens: int
+    token_logprobs: dict[int, float]
+    top: list[tuple[int, float]]
+
+
+class ScoreResponse(InternalModel):
+    results: list[ScoreResult]
+
+
+class ByteQuery(InternalModel):
+    """Byte-level reduction of the full next-token distribution after `token_ids`.
+
+    `partial` is the hex of bytes already produced inside the next token (may be empty)."""
+
+    token_ids: list[int]
+    partial: str = ""
+
+
+class ByteDistRequest(InternalModel):
+    request_id: str
+    queries: list[ByteQuery] = Field(..., min_length=1, max_length=512)
+
+
+class ByteDistResult(InternalModel):
+    cont_lp: list[float]  # 257: next byte c<256 within a token extending `partial`; [256] stop
+    exact: dict[int, list[float]] = Field(
+        default_factory=dict, description="byte c -> [token id, logprob] of token == partial+c"
+    )
+
+
+class ByteDistResponse(InternalModel):
+    results: list[ByteDistResult]
+
+
+class WorkerInfo(InternalModel):
+    model: str
+    model_dir: str
+    vocab_size: int
+    tokenizer_kind: str
+    max_model_len: int
+    eos_token_ids: list[int]
+    has_chat_template: bool
+    engine: str
+    capture: bool
+    functional_tokens: dict[str, int] = Field(
+        default_factory=dict, description="added tokens named <nexa_k> -> token id"
+    )
+
+
+class TopLogprobEvent(TypedDict):
+    id: int
+    text: str
+    logprob: float
+
+
+class TokenLogprobEvent(TypedDict):
+    id: int
+    text: str
+    logprob: float | None  # None only for the first prompt token (nothing precedes it)
+    top: list[TopLogprobEvent]
+
+
+class GenerateEvent(TypedDict):
+    """One NDJSON line of /internal/generate.
+
+    type=start: prompt_tokens (+ prompt_text, prompt_logprobs when asked)
+    type=delta: index, text, token_ids, logprobs (when asked)
+    type=finish: index, finish_reason, completion_tokens
+    type=error: status, message, code
+    """
+
+    type: Literal["start", "delta", "finish", "error"]
+    index: NotRequired[int]
+    text: NotRequired[str]
+    token_ids: NotRequired[list[int]]
+    logprobs: NotRequired[list[TokenLogprobEvent]]
+    finish_reason: NotRequired[str]
+    completion_tokens: NotRequired[int]
+    prompt_tokens: NotRequired[int]
+    prompt_text: NotRequired[str]
+    prompt_logprobs: NotRequired[list[TokenLogprobEvent]]
+    status: NotRequired[int]
+    message: NotRequired[str]
+    code: NotRequired[str | None]

@@ -1,0 +1,229 @@
+"""The graph file: models (engines) and nodes (what clients address), validated at load.
+
+Errors name the node and the field, and the line in the YAML file where that node starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+NodeId = Annotated[str, Field(pattern=ID_PATTERN)]
+RESERVED_IDS = {"auto"}
+
+
+class GraphError(ValueError):
+    """A graph file that cannot be served. The message is meant for the person who wrote it."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingDefaults(Strict):
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class ModelSpec(Strict):
+    """An engine. Embedded mode starts a worker for it; otherwise `urls` lists its replicas."""
+
+    packaged: str | None = Field(None, description="name of a packaged model (smollm2, gemma3)")
+    path: str | None = Field(None, description="model directory or hub id resolved by the worker")
+    urls: list[str] = Field(default_factory=list, description="worker replicas (http://host:port)")
+    max_model_len: int = Field(2048, ge=16)
+    build: dict[str, Any] | None = Field(
+        None, description="how to build this model when missing (router models)"
+    )
+
+    @model_validator(mode="after")
+    def _has_source(self) -> ModelSpec:
+        if not (self.packaged or self.path or self.urls):
+            raise ValueError("a model needs one of: packaged, path, urls")
+        return self
+
+
+class ModelNode(Strict):
+    kind: Literal["model"]
+    model: str
+    description: str = ""
+    system_prompt: str | None = None
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    examples: list[str] = Field(default_factory=list)
+
+
+class RouterNode(Strict):
+    kind: Literal["router"]
+    model: str
+    children: list[NodeId] = Field(..., min_length=1)
+    fallback: NodeId | None = None
+    threshold: float = Field(0.0, ge=0.0, le=1.0, description="min probability of the best child")
+    reformat: bool = Field(False, description="generate the reformatted query after the token")
+    tokens: dict[str, int] | None = Field(
+        None, description="child -> functional token index (Octopus-v4 checkpoints)"
+    )
+    prompt_format: Literal["octograph", "octopus-v4"] = "octograph"
+    description: str = ""
+    examples: list[str] = Field(default_factory=list)
+
+
+class EnsembleMember(Strict):
+    model: str
+    weight: float = Field(1.0, gt=0.0)
+
+
+class EnsembleNode(Strict):
+    kind: Literal["ensemble"]
+    members: list[EnsembleMember] = Field(..., min_length=2)
+    mode: Literal["mix", "product", "adaptive"] = "mix"
+    description: str = ""
+    system_prompt: str | None = None
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    examples: list[str] = Field(default_factory=list)
+
+
+Node = Annotated[ModelNode | RouterNode | EnsembleNode, Field(discriminator="kind")]
+
+
+class GraphConfig(Strict):
+    models: dict[NodeId, ModelSpec] = Field(..., min_length=1)
+    nodes: dict[NodeId, Node] = Field(default_factory=dict)
+    root: NodeId | None = Field(None, description="the router that model='auto' starts at")
+
+    @model_validator(mode="after")
+    def _check_structure(self) -> GraphConfig:
+        check_structure(self)
+        return self
+
+    def router_children(self, node_id: str) -> list[str]:
+        node = self.nodes[node_id]
+        return list(node.children) if isinstance(node, RouterNode) else []
+
+
+def check_structure(graph: GraphConfig) -> None:
+    """Cross-references the schema cannot express; raises ValueError naming node and field."""
+    for nid in list(graph.nodes) + list(graph.models):
+        if nid in RESERVED_IDS:
+            raise ValueError(f"'{nid}' is reserved and cannot be a node or model id")
+    for nid, node in graph.nodes.items():
+        models = [m.model for m in node.members] if isinstance(node, EnsembleNode) else [node.model]
+        for m in models:
+            if m not in graph.models:
+                known = ", ".join(sorted(graph.models))
+                raise ValueError(f"node '{nid}': model '{m}' is not defined (models: {known})")
+        if isinstance(node, RouterNode):
+            _check_router(graph, nid, node)
+    if graph.root is not None:
+        root = graph.nodes.get(graph.root)
+        if not isinstance(root, RouterNode):
+            raise ValueError(f"root: '{graph.root}' must be a node of kind router")
+    _check_acyclic(graph)
+
+
+def _check_router(graph: GraphConfig, nid: str, node: RouterNode) -> None:
+    if len(set(node.children)) != len(node.children):
+        raise ValueError(f"node '{nid}': children lists a node twice")
+    for child in node.children:
+        if child not in graph.nodes:
+            raise ValueError(f"node '{nid}': child '{child}' is not a node")
+        if child == nid:
+            raise ValueError(f"node '{nid}': a router cannot be its own child")
+    if node.fallback is not None and node.fallback not in graph.nodes:
+        raise ValueError(f"node '{nid}': fallback '{node.fallback}' is not a node")
+    if node.tokens is not None:
+        missing = set(node.children) - set(node.tokens)
+        if missing:
+            raise ValueError(f"node '{nid}': tokens has no entry for {sorted(missing)}")
+        values = list(node.tokens.values())
+        if len(set(values)) != len(values):
+            raise ValueError(f"node '{nid}': tokens: two children share a functional token")
+
+
+def _check_acyclic(graph: GraphConfig) -> None:
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(nid: str, path: list[str]) -> None:
+        if state.get(nid) == 2:
+            return
+        if state.get(nid) == 1:
+            cycle = " -> ".join(path[path.index(nid) :] + [nid])
+            raise ValueError(f"the routers form a cycle: {cycle}")
+        state[nid] = 1
+        for child in graph.router_children(nid):
+            visit(child, path + [nid])
+        state[nid] = 2
+
+    for nid in graph.nodes:
+        visit(nid, [])
+
+
+def _node_lines(text: str) -> dict[str, int]:
+    """Line numbers (1-based) of each key under `nodes:` and `models:` for error messages."""
+    lines: dict[str, int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if not isinstance(root, yaml.MappingNode):
+        return lines
+    for key, value in root.value:
+        if isinstance(value, yaml.MappingNode) and key.value in ("nodes", "models"):
+            for k, _ in value.value:
+                lines.setdefault(str(k.value), k.start_mark.line + 1)
+    return lines
+
+
+def parse_graph(text: str, source: str = "<graph>") -> GraphConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise GraphError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise GraphError(f"{source}: the graph must be a mapping with 'models' and 'nodes'")
+    lines = _node_lines(text)
+    try:
+        return GraphConfig.model_validate(data)
+    except ValidationError as exc:
+        raise GraphError(_format_errors(exc, source, lines)) from None
+
+
+def _format_errors(exc: ValidationError, source: str, lines: dict[str, int]) -> str:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        # Drop pydantic's discriminator tag ("model"/"router") from the path.
+        if len(loc) >= 3 and loc[0] == "nodes" and loc[2] in ("model", "router", "ensemble"):
+            loc.pop(2)
+        where = f"{source}"
+        if len(loc) >= 2 and loc[1] in lines:
+            where += f" line {lines[loc[1]]}"
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:
+            named = _named_in(msg, lines)
+            if named:
+                where += f" line {lines[named]}"
+        field = ".".join(loc)
+        out.append(f"{where}: {field + ': ' if field else ''}{msg}")
+    return "\n".join(out)
+
+
+def _named_in(msg: str, lines: dict[str, int]) -> str | None:
+    for name in lines:
+        if f"'{name}'" in msg:
+            return name
+    return None
+
+
+def load_graph(path: Path) -> GraphConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GraphError(f"cannot read graph file {path}: {exc.strerror}") from None
+    return parse_graph(text, source=str(path))

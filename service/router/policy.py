@@ -1,0 +1,165 @@
+"""Routing at request time: from a starting node, descend through router nodes by scoring the
+functional tokens of the current router's children on the router model (one forward per hop)
+until a node that answers (model or ensemble)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import BadRequest, NotFound, ServiceError, Unavailable
+from service.observability.metrics import GatewayMetrics
+from service.protocol.internal import ChatTurn, GenerateRequest, SamplingOptions, ScoreQuery, ScoreRequest
+from service.router.functional_tokens import (
+    END_TOKEN,
+    OCTOPUS_SYSTEM_PROMPT,
+    assign_tokens,
+    parse_octopus_output,
+    token_name,
+)
+from service.router.graph import GraphConfig, RouterNode
+from service.worker.pool import WorkerPools
+
+MAX_HOPS = 16
+ROUTER_QUERY_CHARS = 2000  # the router reads the head of the query; enough to classify
+
+
+@dataclass
+class RouteResult:
+    node: str
+    route: list[str] = field(default_factory=list)
+    scores: list[dict[str, float]] = field(default_factory=list)
+    reformatted_query: str | None = None
+    fallback: str | None = None  # where to go if `node` cannot serve (the last router's fallback)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "route": self.route,
+            "scores": self.scores,
+            "reformatted_query": self.reformatted_query,
+        }
+
+    @property
+    def header(self) -> str:
+        return ">".join(self.route)
+
+
+def router_messages(query: str, prompt_format: str) -> list[ChatTurn]:
+    query = query[-ROUTER_QUERY_CHARS:]
+    if prompt_format == "octopus-v4":
+        return [ChatTurn(role="system", content=OCTOPUS_SYSTEM_PROMPT), ChatTurn(role="user", content=query)]
+    return [ChatTurn(role="system", content=OCTOPUS_SYSTEM_PROMPT), ChatTurn(role="user", content=query)]
+
+
+class Router:
+    def __init__(self, graph: GraphConfig, pools: WorkerPools, metrics: GatewayMetrics) -> None:
+        self.graph = graph
+        self.pools = pools
+        self.metrics = metrics
+        self.tokens = assign_tokens(graph)
+
+    async def route(self, start: str, query: str, headers: dict[str, str]) -> RouteResult:
+        t0 = time.perf_counter()
+        result = RouteResult(node=start, route=[start])
+        node_id = start
+        for _ in range(MAX_HOPS):
+            node = self.graph.nodes.get(node_id)
+            if not isinstance(node, RouterNode):
+                break
+            choice, probs = await self._hop(node_id, node, query, headers)
+            result.scores.append(probs)
+            self.metrics.routing.labels(node_id, choice).inc()
+            if node.reformat:
+                result.reformatted_query = await self._reformat(node, query, choice, headers)
+            result.fallback = node.fallback
+            node_id = choice
+            result.route.append(choice)
+        result.node = node_id
+        result.seconds = time.perf_counter() - t0
+        self.metrics.routing_latency.observe(result.seconds)
+        return result
+
+    async def _hop(
+        self, node_id: str, node: RouterNode, query: str, headers: dict[str, str]
+    ) -> tuple[str, dict[str, float]]:
+        pool = self.pools[node.model]
+        info = pool.info()
+        if info is None:
+            raise Unavailable(f"router model '{node.model}' is not ready")
+        ids: dict[str, int] = {}
+        for child in node.children:
+            name = token_name(self.tokens[child])
+            if name not in info.functional_tokens:
+                raise ServiceError(
+                    f"router model '{node.model}' has no token {name} for node '{child}'; "
+                    "rebuild it with `octograph router build`"
+                )
+            ids[child] = info.functional_tokens[name]
+        query_req = ScoreRequest(
+            request_id=headers.get("x-request-id", "route"),
+            queries=[
+                ScoreQuery(
+                    messages=router_messages(query, node.prompt_format),
+                    token_ids=list(ids.values()),
+                )
+            ],
+        )
+        replica = pool.pick()
+        try:
+            response = await replica.client.score(query_req, headers)
+        except Unavailable:
+            pool.mark_failed(replica)
+            response = await pool.pick().client.score(query_req, headers)
+        lps = response.results[0].token_logprobs
+        # Only this router's children are allowed: renormalize over them.
+        raw = {child: lps.get(tid, -math.inf) for child, tid in ids.items()}
+        top = max(raw.values())
+        z = sum(math.exp(v - top) for v in raw.values())
+        probs = {child: math.exp(v - top) / z for child, v in raw.items()}
+        best = max(probs, key=lambda c: probs[c])
+        if probs[best] < node.threshold and node.fallback is not None:
+            best = node.fallback
+        return best, {k: round(v, 6) for k, v in probs.items()}
+
+    async def _reformat(
+        self, node: RouterNode, query: str, choice: str, headers: dict[str, str]
+    ) -> str | None:
+        pool = self.pools[node.model]
+        token = token_name(self.tokens.get(choice, 0))
+        request = GenerateRequest(
+            request_id=headers.get("x-request-id", "route") + "-reformat",
+            messages=router_messages(query, node.prompt_format),
+            assistant_prefix=f"{token}('",
+            sampling=SamplingOptions(max_tokens=96, temperature=0.0, stop=[END_TOKEN]),
+        )
+        text = ""
+        async for event in pool.pick().client.stream_generate(request, headers):
+            if event["type"] == "delta":
+                text += event.get("text", "")
+        call = parse_octopus_output(f"{token}('{text}{END_TOKEN}")
+        return call.query if call else None
+
+
+def query_text(messages: list[tuple[str, str]] | None, prompt: str | None) -> str:
+    """What the router reads: the last user turn (with earlier turns as context when short)."""
+    if prompt is not None:
+        return prompt
+    if not messages:
+        raise BadRequest("nothing to route: no messages")
+    users = [text for role, text in messages if role == "user"]
+    if not users:
+        raise BadRequest("nothing to route: no user message")
+    return users[-1]
+
+
+def resolve_start(graph: GraphConfig, model: str) -> str:
+    if model == "auto":
+        if graph.root is None:
+            raise NotFound("this graph has no root router, so model 'auto' is not available")
+        return graph.root
+    if model in graph.nodes:
+        return model
+    raise NotFound(f"the model '{model}' does not exist", code="model_not_found")

@@ -1,0 +1,61 @@
+"""The seam between a worker's HTTP app and whatever produces tokens.
+
+`VLLMEngine` (service.worker.vllm_engine) is the real one; `FakeEngine`
+(service.worker.fake_engine) is a deterministic stand-in with the same contract for fast tests
+and for measuring the gateway's own overhead. The worker app only ever sees this Protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.protocol.internal import (
+    ByteDistRequest,
+    ByteDistResponse,
+    GenerateEvent,
+    GenerateRequest,
+    ScoreRequest,
+    ScoreResponse,
+    WorkerInfo,
+)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A request whose prompt is tokenized and checked against the context length."""
+
+    request: GenerateRequest
+    prompt_token_ids: list[int]
+    prompt_text: str
+    max_tokens: int
+
+
+class Engine(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    def info(self) -> WorkerInfo: ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...
+
+    def num_running(self) -> int: ...
+
+    async def prepare(self, request: GenerateRequest) -> PreparedPrompt:
+        """Tokenize + validate; raises BadRequest/ContextLengthExceeded before any streaming."""
+        ...
+
+    def generate(self, prepared: PreparedPrompt) -> AsyncIterator[GenerateEvent]:
+        """Yields a `start` event, then deltas and one `finish` per choice. Closing the iterator
+        early aborts the engine request."""
+        ...
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse: ...
+
+    async def byte_dist(self, request: ByteDistRequest) -> ByteDistResponse: ...
+
+    async def abort(self, request_id: str) -> None: ...
+

@@ -1,0 +1,208 @@
+"""A deterministic engine with the real engine's contract and no model.
+
+Used by fast gateway tests and by the overhead benchmark (a worker that answers instantly, so
+what is measured is the gateway). Words are tokens; the reply is a canned sentence that echoes
+the prompt's last word, so tests can tell requests apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from service.errors import BadRequest
+from service.protocol.internal import (
+    ByteDistRequest,
+    ByteDistResponse,
+    ByteDistResult,
+    GenerateEvent,
+    GenerateRequest,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+    WorkerInfo,
+)
+from service.worker.engine import PreparedPrompt
+from service.worker.prompts import check_context
+
+VOCAB = 50_000
+EOS = 0
+
+
+def fake_token_id(word: str) -> int:
+    return 1 + zlib.crc32(word.encode()) % (VOCAB - 1)
+
+
+@dataclass
+class FakeEngine:
+    name: str = "fake"
+    max_model_len: int = 2048
+    reply_words: int = 12
+    token_delay_s: float = 0.0
+    # Test hooks: an event the stream waits on before its first token, and a record of calls.
+    gate: asyncio.Event | None = None
+    aborted: list[str] = field(default_factory=list)
+    generated: list[str] = field(default_factory=list)
+    running: set[str] = field(default_factory=set)
+    # Routing tests steer choices: (prompt text, candidate ids) -> logprob per id.
+    score_hook: Callable[[str, list[int]], dict[int, float]] | None = None
+    scored: list[str] = field(default_factory=list)
+    _ready: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            model=self.name,
+            model_dir="",
+            vocab_size=VOCAB,
+            tokenizer_kind="whitespace",
+            max_model_len=self.max_model_len,
+            eos_token_ids=[EOS],
+            has_chat_template=True,
+            engine="fake",
+            capture=False,
+            functional_tokens={f"<nexa_{i}>": 49_000 + i for i in range(64)}
+            | {"<nexa_end>": 49_999},
+        )
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def shutdown(self) -> None:
+        self._ready = False
+
+    def num_running(self) -> int:
+        return len(self.running)
+
+    async def prepare(self, request: GenerateRequest) -> PreparedPrompt:
+        if request.prompt_token_ids is not None:
+            ids, text = list(request.prompt_token_ids), ""
+        elif request.messages is not None:
+            if not request.messages:
+                raise BadRequest("messages must not be empty", param="messages")
+            text = "\n".join(f"{m.role}: {m.content}" for m in request.messages) + "\nassistant:"
+            ids = [fake_token_id(w) for w in text.split()]
+        elif request.prompt is not None:
+            text = request.prompt
+            ids = [fake_token_id(w) for w in text.split()]
+        else:
+            raise BadRequest("exactly one of messages, prompt, prompt_token_ids is required")
+        max_tokens = check_context(len(ids), request.sampling.max_tokens, self.max_model_len)
+        return PreparedPrompt(request, ids, text, max_tokens)
+
+    def reply(self, prepared: PreparedPrompt, index: int) -> list[str]:
+        words = prepared.prompt_text.split() or ["tokens"]
+        last = words[-2] if len(words) > 1 and words[-1] == "assistant:" else words[-1]
+        base = f"fake answer {index} about {last}".split()
+        filler = [f"w{i}" for i in range(max(0, self.reply_words - len(base)))]
+        return (base + filler)[: self.reply_words]
+
+    async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[GenerateEvent]:
+        rid = prepared.request.request_id
+        self.generated.append(rid)
+        self.running.add(rid)
+        sampling = prepared.request.sampling
+        done = False
+        try:
+            start: GenerateEvent = {"type": "start", "prompt_tokens": len(prepared.prompt_token_ids)}
+            if sampling.prompt_logprobs is not None:
+                start["prompt_text"] = prepared.prompt_text
+                start["prompt_logprobs"] = [
+                    {"id": t, "text": w, "logprob": None if i == 0 else -1.0, "top": []}
+                    for i, (t, w) in enumerate(
+                        zip(prepared.prompt_token_ids, prepared.prompt_text.split(), strict=False)
+                    )
+                ]
+            yield start
+            if self.gate is not None:
+                await self.gate.wait()
+            for index in range(sampling.n):
+                words = self.reply(prepared, index)
+                emitted = 0
+                text_so_far = ""
+                reason = "length"
+                for i, word in enumerate(words[: prepared.max_tokens]):
+                    piece = word if i == 0 else " " + word
+                    stop_at = _first_stop(text_so_far + piece, sampling.stop)
+                    if stop_at is not None:
+                        piece = (text_so_far + piece)[:stop_at][len(text_so_far) :]
+                        if piece:
+                            yield {"type": "delta", "index": index, "text": piece, "token_ids": []}
+                        reason = "stop"
+                        break
+                    if self.token_delay_s:
+                        await asyncio.sleep(self.token_delay_s)
+                    text_so_far += piece
+                    emitted += 1
+                    tid = fake_token_id(word)
+                    delta: GenerateEvent = {
+                        "type": "delta",
+                        "index": index,
+                        "text": piece,
+                        "token_ids": [tid],
+                    }
+                    if sampling.logprobs is not None:
+                        top = [
+                            {"id": tid + k, "text": piece, "logprob": -0.5 - k}
+                            for k in range(sampling.logprobs)
+                        ]
+                        delta["logprobs"] = [
+                            {"id": tid, "text": piece, "logprob": -0.5, "top": top}  # type: ignore[typeddict-item]
+                        ]
+                    yield delta
+                else:
+                    reason = "stop" if emitted < prepared.max_tokens else "length"
+                yield {
+                    "type": "finish",
+                    "index": index,
+                    "finish_reason": reason,
+                    "completion_tokens": emitted,
+                }
+            done = True
+        finally:
+            self.running.discard(rid)
+            if not done:
+                self.aborted.append(rid)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        results = []
+        for q in request.queries:
+            if q.messages is not None:
+                text = " ".join(m.content for m in q.messages)
+            else:
+                text = q.prompt or " ".join(map(str, q.prompt_token_ids or []))
+            ids = q.token_ids or []
+            self.scored.append(text)
+            if self.score_hook is not None:
+                results.append(ScoreResult(prompt_tokens=len(text.split()),
+                                           token_logprobs=self.score_hook(text, ids), top=[]))
+                continue
+            # Deterministic scores that depend on the prompt: lets routing tests steer choices.
+            raw = {t: -float((zlib.crc32(f"{text}|{t}".encode()) % 1000) / 100) for t in ids}
+            norm = math.log(sum(math.exp(v) for v in raw.values())) if raw else 0.0
+            results.append(
+                ScoreResult(
+                    prompt_tokens=len(text.split()),
+                    token_logprobs={t: v - norm for t, v in raw.items()},
+                    top=[],
+                )
+            )
+        return ScoreResponse(results=results)
+
+    async def byte_dist(self, request: ByteDistRequest) -> ByteDistResponse:
+        uniform = [-math.log(257)] * 257
+        return ByteDistResponse(results=[ByteDistResult(cont_lp=uniform) for _ in request.queries])
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None

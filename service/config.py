@@ -63,5 +63,6 @@ class WorkerSettings(BaseSettings):
         True, description="full-distribution capture for byte-level scoring (ensembles)"
     )
     cache_dir: Path | None = None
+    fake_token_delay_s: float = Field(0.0, ge=0.0, description="--fake workers only")
     log_json: bool = True
     log_level: str = "INFO"

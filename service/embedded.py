@@ -51,7 +51,10 @@ def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
     """Prepare what is missing (packaged models, router builds) and return each model's dir."""
     from service.models import packaged
 
-    needed = sorted({s.packaged for s in graph.models.values() if s.packaged and not s.urls})
+    needed = sorted({
+        s.packaged for s in graph.models.values()
+        if s.packaged and not s.urls and s.engine == "vllm"
+    })
     if needed:
         for r in packaged.prepare_models(needed, progress=True):
             if r.status != "ready":
@@ -60,7 +63,9 @@ def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
     for name, spec in graph.models.items():
         if spec.urls:
             continue
-        if spec.packaged:
+        if spec.engine == "fake":
+            dirs[name] = Path(name)
+        elif spec.packaged:
             dirs[name] = packaged.model_dir(spec.packaged)
         elif spec.path:
             path = Path(os.path.expandvars(spec.path)).expanduser()
@@ -88,6 +93,8 @@ def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> l
             "--served-name", name, "--port", str(port), "--threads", str(threads),
             "--max-model-len", str(graph.models[name].max_model_len),
         ]
+        if graph.models[name].engine == "fake":
+            cmd.append("--fake")
         proc = subprocess.Popen(
             cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "OCTOGRAPH_WORKER_LOG_JSON": "true"},
@@ -143,6 +150,10 @@ def stop_workers(workers: list[WorkerProcess], grace_s: float = STOP_GRACE_S) ->
             w.proc.wait(timeout=5)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_embedded(config_path: Path, *, host: str, port: int) -> int:
     from service.gateway.app import build_gateway_app
     from service.observability.logging import setup_logging
@@ -157,11 +168,10 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
     t0 = time.monotonic()
     workers = start_workers(graph, dirs, log_dir)
     # SIGTERM during start-up must still reap the workers.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         wait_ready(workers)
         say(f"all workers ready in {time.monotonic() - t0:.1f}s; gateway on http://{host}:{port}")
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         lifecycle = Lifecycle()
         app = build_gateway_app(
             settings, graph, lifecycle=lifecycle, urls={w.name: [w.url] for w in workers}

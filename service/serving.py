@@ -85,4 +85,9 @@ def serve(app: Any, host: str, port: int, lifecycle: Lifecycle, grace_s: float, 
         timeout_keep_alive=30,
         **kw,
     )
+    # uvicorn re-raises the signal it caught once it has shut down, to whatever handler was
+    # installed before it; a no-op there makes a drained shutdown exit 0 instead of dying by
+    # the signal.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     DrainingServer(config, lifecycle, grace_s).run()

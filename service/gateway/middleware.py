@@ -14,7 +14,6 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
     ServiceError,
-    Unauthorized,
     Unavailable,
 )
 from service.gateway.auth import ApiKeys

@@ -25,7 +25,7 @@ from service.observability.metrics import GatewayMetrics
 from service.protocol.internal import ChatTurn, GenerateEvent, GenerateRequest, SamplingOptions
 from service.protocol.openai import ChatCompletionRequest, CompletionRequest, RouteRequest
 from service.router.graph import EnsembleNode, GraphConfig, ModelNode, SamplingDefaults
-from service.router.policy import RouteResult, Router, query_text, resolve_start
+from service.router.policy import Router, RouteResult, query_text, resolve_start
 from service.worker.pool import WorkerPools
 
 

@@ -37,13 +37,16 @@ class ModelSpec(Strict):
     path: str | None = Field(None, description="model directory or hub id resolved by the worker")
     urls: list[str] = Field(default_factory=list, description="worker replicas (http://host:port)")
     max_model_len: int = Field(2048, ge=16)
+    engine: Literal["vllm", "fake"] = Field(
+        "vllm", description="fake = canned tokens, no weights (tests, overhead benchmarks)"
+    )
     build: dict[str, Any] | None = Field(
         None, description="how to build this model when missing (router models)"
     )
 
     @model_validator(mode="after")
     def _has_source(self) -> ModelSpec:
-        if not (self.packaged or self.path or self.urls):
+        if not (self.packaged or self.path or self.urls or self.engine == "fake"):
             raise ValueError("a model needs one of: packaged, path, urls")
         return self
 

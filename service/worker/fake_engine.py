@@ -13,7 +13,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from service.errors import BadRequest
+from service.errors import BadRequest, UpstreamError
 from service.protocol.internal import (
     ByteDistRequest,
     ByteDistResponse,
@@ -48,6 +48,8 @@ class FakeEngine:
     generated: list[str] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
     # Routing tests steer choices: (prompt text, candidate ids) -> logprob per id.
+    fail_after_tokens: int | None = None  # raise mid-stream after this many tokens
+    stall_after_tokens: int | None = None  # go silent (until cancelled) after this many
     score_hook: Callable[[str, list[int]], dict[int, float]] | None = None
     scored: list[str] = field(default_factory=list)
     _ready: bool = False
@@ -138,6 +140,10 @@ class FakeEngine:
                         break
                     if self.token_delay_s:
                         await asyncio.sleep(self.token_delay_s)
+                    if self.fail_after_tokens is not None and emitted >= self.fail_after_tokens:
+                        raise UpstreamError("injected failure")
+                    if self.stall_after_tokens is not None and emitted >= self.stall_after_tokens:
+                        await asyncio.Event().wait()
                     text_so_far += piece
                     emitted += 1
                     tid = fake_token_id(word)

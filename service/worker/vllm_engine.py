@@ -90,8 +90,9 @@ class VLLMEngine:
             disable_log_stats=False,
             **capture_kwargs,
         )
-        # Building the engine loads weights in the engine-core child: seconds to minutes.
-        self._llm = AsyncLLM.from_engine_args(args)
+        # Building the engine loads weights in the engine-core child (seconds to minutes) and
+        # blocks while it does: off the event loop, so /livez keeps answering meanwhile.
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._tokenizer = self._llm.get_tokenizer()
         tok = self._tokenizer
         eos = tok.eos_token_id
@@ -166,7 +167,7 @@ class VLLMEngine:
         counts: dict[int, int] = {}
         try:
             first = True
-            async for out in llm.generate(prompt, params, request_id):
+            async for out in _translated(llm.generate(prompt, params, request_id)):
                 if first:
                     first = False
                     if prepared.request.sampling.prompt_logprobs is not None:
@@ -206,9 +207,7 @@ class VLLMEngine:
             await self._llm.abort(request_id)
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
-        llm = self._require()
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        self._require()
 
         async def one(i: int) -> ScoreResult:
             q = request.queries[i]
@@ -226,32 +225,64 @@ class VLLMEngine:
             else:
                 raise BadRequest("a score query needs prompt or prompt_token_ids")
             check_context(len(ids), 1, self._settings.max_model_len)
-            params = SamplingParams(
-                max_tokens=1,
-                temperature=0.0,
-                detokenize=False,
-                logprobs=q.top_k if q.top_k else None,
-                logprob_token_ids=q.token_ids or None,
-            )
             rid = f"{request.request_id}-s{i}-{uuid.uuid4().hex[:6]}"
-            final = None
-            async for out in llm.generate(TokensPrompt(prompt_token_ids=ids), params, rid):
-                final = out
-            assert final is not None
-            lps = final.outputs[0].logprobs[0] if final.outputs[0].logprobs else {}
-            wanted = set(q.token_ids)
-            token_lps = {t: float(lp.logprob) for t, lp in lps.items() if t in wanted}
-            top = sorted(
-                ((t, float(lp.logprob)) for t, lp in lps.items() if lp.rank and lp.rank <= q.top_k),
-                key=lambda x: -x[1],
-            )[: q.top_k]
+            # vLLM wants logprobs == len(logprob_token_ids) when both are set: two lookups
+            # (the second one hits the prefix cache).
+            token_lps, top = {}, []
+            if q.token_ids:
+                lps = await self._next_token_logprobs(ids, rid + "-ids", token_ids=q.token_ids)
+                token_lps = {t: float(lp.logprob) for t, lp in lps.items() if t in set(q.token_ids)}
+            if q.top_k:
+                lps = await self._next_token_logprobs(ids, rid + "-top", top_k=q.top_k)
+                ranked = sorted(((t, float(lp.logprob)) for t, lp in lps.items()), key=lambda x: -x[1])
+                top = ranked[: q.top_k]
             return ScoreResult(prompt_tokens=len(ids), token_logprobs=token_lps, top=top)
 
         results = await asyncio.gather(*(one(i) for i in range(len(request.queries))))
         return ScoreResponse(results=list(results))
 
+    async def _next_token_logprobs(
+        self, ids: list[int], rid: str, *, token_ids: list[int] | None = None, top_k: int = 0
+    ) -> dict[int, Any]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            detokenize=False,
+            logprobs=len(token_ids) if token_ids else top_k,
+            logprob_token_ids=token_ids or None,
+        )
+        final = None
+        engine = self._require()
+        async for out in _translated(engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid)):
+            final = out
+        assert final is not None
+        logprobs = final.outputs[0].logprobs
+        return dict(logprobs[0]) if logprobs else {}
+
     async def byte_dist(self, request: ByteDistRequest) -> ByteDistResponse:
         raise NotImplementedFeature("byte-level scoring is not enabled on this worker")
+
+
+async def _translated(outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """vLLM's client errors (bad parameters) become 400s; engine death becomes 503."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        async for out in outputs:
+            yield out
+    except VLLMClientError as exc:
+        raise BadRequest(str(exc).split(" (parameter=")[0]) from None
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    except Exception as exc:
+        if type(exc).__name__ == "EngineDeadError":
+            raise Unavailable("the engine stopped; this worker must be restarted") from None
+        raise
+    finally:
+        await outputs.aclose()  # type: ignore[attr-defined]
 
 
 def _finish_reason(reason: str) -> str:

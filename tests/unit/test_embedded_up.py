@@ -1,0 +1,96 @@
+"""`octograph up` as a user runs it: workers as subprocesses, readiness, a request, then SIGTERM:
+in-flight streams finish, new requests are refused, exit 0, no orphan processes.
+Fake engines (subprocess workers without weights) keep this fast."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = """
+models:
+  a: {engine: fake}
+  b: {engine: fake}
+nodes:
+  general: {kind: model, model: a}
+"""
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "octograph up exited early"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("not ready")
+
+
+def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
+    cfg = tmp_path / "graph.yaml"
+    cfg.write_text(CONFIG)
+    port = free_port()
+    env = {**os.environ, "OCTOGRAPH_LOG_DIR": str(tmp_path / "logs"),
+           "OCTOGRAPH_SHUTDOWN_GRACE_S": "10", "OCTOGRAPH_WORKER_FAKE_TOKEN_DELAY_S": "0.05"}
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--config", str(cfg), "--port", str(port)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        startup_s = time.monotonic() - t0
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2
+        r = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "general", "messages": [{"role": "user", "content": "hello world"}]})
+        assert r.status_code == 200 and "world" in r.json()["choices"][0]["message"]["content"]
+
+        # A slow stream (50 ms a token) in flight while SIGTERM arrives: it must finish.
+        result: dict[str, object] = {}
+        first_chunk = threading.Event()
+
+        def stream() -> None:
+            body = ""
+            with httpx.stream("POST", f"{url}/v1/completions", timeout=30, json={
+                    "model": "general", "prompt": "slow", "stream": True, "max_tokens": 10}) as resp:
+                for text in resp.iter_text():
+                    body += text
+                    first_chunk.set()
+            result["body"] = body
+
+        th = threading.Thread(target=stream)
+        th.start()
+        assert first_chunk.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        refused = httpx.post(f"{url}/v1/chat/completions", json={
+            "model": "general", "messages": [{"role": "user", "content": "late"}]})
+        assert refused.status_code == 503
+        th.join(timeout=30)
+        body = str(result.get("body", ""))
+        assert body.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in body
+        code = proc.wait(timeout=40)
+        assert code == 0
+        time.sleep(0.5)
+        alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], f"orphans: {alive}"
+        print(f"up -> ready in {startup_s:.1f}s (fake workers)")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

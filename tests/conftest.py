@@ -34,7 +34,11 @@ root: root
 nodes:
   root: {kind: router, model: routerm, children: [math, science, general], fallback: general}
   science: {kind: router, model: routerm, children: [physics, biology]}
-  math: {kind: model, model: alpha, system_prompt: "You are a math tutor.", sampling: {temperature: 0.2}}
+  math:
+    kind: model
+    model: alpha
+    system_prompt: "You are a math tutor."
+    sampling: {temperature: 0.2}
   physics: {kind: model, model: beta}
   biology: {kind: model, model: beta}
   general: {kind: model, model: alpha}
@@ -61,8 +65,9 @@ class Served:
 
 async def serve_app(app: Any, port: int | None = None) -> Served:
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on",
-                            access_log=False)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_config=None, lifespan="on", access_log=False
+    )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
@@ -122,8 +127,9 @@ async def make_stack() -> AsyncIterator[StackFactory]:
         for name, spec in graph.models.items():
             engines[name], workers[name], urls[name] = [], [], []
             for _ in range((replicas or {}).get(name, 1)):
-                eng = FakeEngine(name=name, max_model_len=spec.max_model_len,
-                                 **(engine_kwargs or {}))
+                eng = FakeEngine(
+                    name=name, max_model_len=spec.max_model_len, **(engine_kwargs or {})
+                )
                 served = await serve_app(build_worker_app(eng, Lifecycle()))
                 engines[name].append(eng)
                 workers[name].append(served)
@@ -153,6 +159,6 @@ def sse_events(body: str) -> list[Any]:
         block = block.strip()
         if not block.startswith("data: "):
             continue
-        data = block[len("data: "):]
+        data = block[len("data: ") :]
         out.append("DONE" if data == "[DONE]" else json.loads(data))
     return out

@@ -16,7 +16,7 @@ from service.gateway.pipeline import Pipeline
 from service.gateway.routes import health, openai_routes
 from service.http_errors import install_error_handlers
 from service.observability.metrics import GatewayMetrics
-from service.router.graph import GraphConfig
+from service.router.graph import GraphConfig, RouterNode
 from service.router.policy import Router
 from service.serving import Lifecycle
 from service.worker.client import make_http_client
@@ -33,8 +33,14 @@ class GatewayState:
     registry: CollectorRegistry
     metrics: GatewayMetrics
 
+    @property
+    def required_models(self) -> set[str]:
+        return {n.model for n in self.graph.nodes.values() if isinstance(n, RouterNode)}
 
-def worker_urls(graph: GraphConfig, overrides: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+
+def worker_urls(
+    graph: GraphConfig, overrides: dict[str, list[str]] | None = None
+) -> dict[str, list[str]]:
     urls = {name: list(spec.urls) for name, spec in graph.models.items()}
     for name, us in (overrides or {}).items():
         urls[name] = us
@@ -53,8 +59,11 @@ def build_gateway_app(
     metrics = GatewayMetrics(registry)
     http = make_http_client(settings.worker_connect_timeout_s, settings.worker_read_timeout_s)
     pools = WorkerPools(
-        worker_urls(graph, urls), http, metrics,
-        health_interval_s=settings.health_interval_s, cooldown_s=settings.cooldown_s,
+        worker_urls(graph, urls),
+        http,
+        metrics,
+        health_interval_s=settings.health_interval_s,
+        cooldown_s=settings.cooldown_s,
     )
     router = Router(graph, pools, metrics)
     from service.ensemble.runner import EnsembleRunner
@@ -87,7 +96,7 @@ def build_gateway_app(
         rate_limit_rpm=settings.rate_limit_rpm,
     )
     app.add_middleware(
-        GatewayMiddleware,  # type: ignore[arg-type]
+        GatewayMiddleware,
         keys=keys,
         lifecycle=lifecycle,
         metrics=metrics,

@@ -90,7 +90,10 @@ class ApiKeys:
             hits.popleft()
         if len(hits) >= self._rpm:
             retry = 60.0 - (now - hits[0])
-            return Overloaded("rate limit reached for this API key", retry_after_s=retry,
-                              code="rate_limit_exceeded")
+            return Overloaded(
+                "rate limit reached for this API key",
+                retry_after_s=retry,
+                code="rate_limit_exceeded",
+            )
         hits.append(now)
         return None

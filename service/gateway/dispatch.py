@@ -14,7 +14,7 @@ from service.worker.pool import ModelPool, Replica
 
 
 async def _first_event(
-    pool: ModelPool, replica: Replica, request: GenerateRequest, headers: dict[str, str]
+    replica: Replica, request: GenerateRequest, headers: dict[str, str]
 ) -> tuple[AsyncIterator[GenerateEvent], GenerateEvent]:
     stream = replica.client.stream_generate(request, headers)
     try:
@@ -33,15 +33,15 @@ async def open_model_stream(
     """Returns (events starting with `start`, number of retries used)."""
     tried: set[str] = set()
     last: ServiceError = Unavailable(f"no healthy worker for model '{pool.name}'")
-    for attempt in range(retries + 1):
+    for _ in range(retries + 1):
         try:
             replica = pool.pick(exclude=tried)
         except Unavailable:
-            raise last if attempt else Unavailable(f"no healthy worker for model '{pool.name}'")
+            raise last from None
         tried.add(replica.url)
         replica.inflight += 1
         try:
-            stream, first = await _first_event(pool, replica, request, headers)
+            stream, first = await _first_event(replica, request, headers)
         except WorkerUnreachable as exc:
             replica.inflight -= 1
             pool.mark_failed(replica)
@@ -56,7 +56,7 @@ async def open_model_stream(
             from service.errors import error_from_status
 
             raise error_from_status(int(first.get("status", 502)), str(first.get("message", "")))
-        return _tracked(replica, first, stream), attempt
+        return _tracked(replica, first, stream), len(tried) - 1
     raise last
 
 

@@ -31,7 +31,9 @@ ADMITTED_PREFIXES = ("/v1/",)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
-async def send_error(send: Send, error: ServiceError, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_error(
+    send: Send, error: ServiceError, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     headers = [(b"content-type", b"application/json"), *(extra or [])]
     if isinstance(error, Overloaded):
         headers.append((b"retry-after", str(max(1, round(error.retry_after_s))).encode()))
@@ -81,8 +83,10 @@ class GatewayMiddleware:
                 return
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await send_error(send_with_id, PayloadTooLarge(
-                f"the request body is larger than {self.max_body} bytes"))
+            await send_error(
+                send_with_id,
+                PayloadTooLarge(f"the request body is larger than {self.max_body} bytes"),
+            )
             return
         if not path.startswith(ADMITTED_PREFIXES):
             await self.app(scope, _limited(receive, self.max_body), send_with_id)

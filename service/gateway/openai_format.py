@@ -46,8 +46,9 @@ class CompletionLogprobs:
             self.tokens.append(text)
             self.token_logprobs.append(lp["logprob"])
             self.top_logprobs.append(
-                {t["text"]: t["logprob"] for t in lp["top"]}  # type: ignore[misc]
-                if lp["logprob"] is not None else None
+                {t["text"]: t["logprob"] for t in lp["top"]}
+                if lp["logprob"] is not None
+                else None
             )
             self.text_offset.append(self.offset)
             self.offset += len(text)
@@ -116,7 +117,9 @@ def final_body(
                 }
             )
         else:
-            lp = c.completion_logprobs.as_dict() if (logprobs_on and c.completion_logprobs) else None
+            lp = (
+                c.completion_logprobs.as_dict() if (logprobs_on and c.completion_logprobs) else None
+            )
             out.append(
                 {
                     "index": c.index,

@@ -107,11 +107,16 @@ class Pipeline:
 
     async def chat(self, req: ChatCompletionRequest, ctx: RequestContext) -> Reply:
         turns = [_turn(m.role, m.text()) for m in req.messages]
-        route = await self.route_to(req.model, query_text([(t.role, t.content) for t in turns], None), ctx)
-        sampling = self._sampling(req, route.node, logprobs=req.top_logprobs or 0 if req.logprobs else None)
+        route = await self.route_to(
+            req.model, query_text([(t.role, t.content) for t in turns], None), ctx
+        )
+        sampling = self._sampling(
+            req, route.node, logprobs=req.top_logprobs or 0 if req.logprobs else None
+        )
         jobs = [Job(self._request(ctx, route.node, sampling, messages=turns), 0)]
-        return await self._run("chat", req, route, jobs, ctx, logprobs_on=req.logprobs,
-                               top_k=req.top_logprobs or 0)
+        return await self._run(
+            "chat", req, route, jobs, ctx, logprobs_on=req.logprobs, top_k=req.top_logprobs or 0
+        )
 
     async def completion(self, req: CompletionRequest, ctx: RequestContext) -> Reply:
         prompts = req.prompts()
@@ -127,12 +132,19 @@ class Pipeline:
             )
             request = self._request(ctx, route.node, sampling, suffix=f"-{i}", **kw)
             jobs.append(Job(request, i * req.n))
-        return await self._run("completion", req, route, jobs, ctx,
-                               logprobs_on=req.logprobs is not None, top_k=req.logprobs or 0,
-                               echo=req.echo)
+        return await self._run(
+            "completion",
+            req,
+            route,
+            jobs,
+            ctx,
+            logprobs_on=req.logprobs is not None,
+            top_k=req.logprobs or 0,
+            echo=req.echo,
+        )
 
     async def route_only(self, req: RouteRequest, ctx: RequestContext) -> RouteResult:
-        turns = [(m.role, m.text()) for m in req.messages] if req.messages else None
+        turns = [(str(m.role), m.text()) for m in req.messages] if req.messages else None
         return await self.route_to(req.model, query_text(turns, req.prompt), ctx)
 
     # -- stages -----------------------------------------------------------------------------
@@ -156,6 +168,7 @@ class Pipeline:
             stop=req.stop_list(),
             seed=req.seed,
             logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
         )
 
     def _request(
@@ -193,13 +206,16 @@ class Pipeline:
             return node.model
         raise BadRequest(f"node '{node_id}' ({node.kind}) cannot generate directly")
 
-    async def open_node(self, node_id: str, request: GenerateRequest, ctx: RequestContext) -> EventStream:
+    async def open_node(
+        self, node_id: str, request: GenerateRequest, ctx: RequestContext
+    ) -> EventStream:
         """The events of one worker request on the node that answers."""
         node = self.graph.nodes.get(node_id)
         if isinstance(node, EnsembleNode):
             if self.ensembles is None:
                 raise ServiceError(f"ensemble node '{node_id}' is not available on this gateway")
-            return await self.ensembles.open(node_id, node, request, ctx)
+            stream: EventStream = await self.ensembles.open(node_id, node, request, ctx)
+            return stream
         pool = self.pools[self.model_of(node_id)]
         stream, retries = await open_model_stream(pool, request, ctx.worker_headers)
         if retries:
@@ -247,16 +263,30 @@ class Pipeline:
         headers = {"x-octograph-route": route.header}
         if req.stream:
             sse = to_sse(
-                kind, header, events, include_usage=req.include_usage, logprobs_on=logprobs_on,
-                top_k=top_k, echo=echo, prompts=_echo_prompts(req, echo), octograph=octo,
-                deadline=ctx.deadline, on_close=lambda: self.admission.leave(node),
+                kind,
+                header,
+                events,
+                include_usage=req.include_usage,
+                logprobs_on=logprobs_on,
+                top_k=top_k,
+                echo=echo,
+                prompts=_echo_prompts(req, echo),
+                octograph=octo,
+                deadline=ctx.deadline,
+                on_close=lambda: self.admission.leave(node),
             )
             return Reply(route=route, stream=sse, headers=headers)
         try:
             async with asyncio.timeout(ctx.remaining()):
                 body = await collect(
-                    kind, header, events, logprobs_on=logprobs_on, top_k=top_k, echo=echo,
-                    prompts=_echo_prompts(req, echo), octograph=octo,
+                    kind,
+                    header,
+                    events,
+                    logprobs_on=logprobs_on,
+                    top_k=top_k,
+                    echo=echo,
+                    prompts=_echo_prompts(req, echo),
+                    octograph=octo,
                 )
         except TimeoutError:
             raise DeadlineExceeded("the request deadline passed") from None
@@ -266,11 +296,11 @@ class Pipeline:
 
 
 def _turn(role: str, content: str) -> ChatTurn:
-    return ChatTurn(role="system" if role == "developer" else role, content=content)  # type: ignore[arg-type]
+    return ChatTurn(role="system" if role == "developer" else role, content=content)
 
 
 def _first(*values: float | None) -> float:
-    return next(v for v in values if v is not None)  # type: ignore[return-value]
+    return next(v for v in values if v is not None)
 
 
 def _node_defaults(graph: GraphConfig, node_id: str) -> SamplingDefaults:

@@ -138,7 +138,7 @@ async def collect(
                         c.chat_logprobs.extend(chat_logprob_entries(ev["logprobs"], top_k))
                     else:
                         c.completion_logprobs = c.completion_logprobs or CompletionLogprobs()
-                        c.completion_logprobs.add(ev["logprobs"])  # type: ignore[arg-type]
+                        c.completion_logprobs.add(ev["logprobs"])
             elif t == "finish":
                 c.finish_reason = ev.get("finish_reason")
                 c.completion_tokens = ev.get("completion_tokens", 0)
@@ -154,8 +154,12 @@ async def collect(
                 echoed = CompletionLogprobs()
                 echoed.add(prompt_lps[job])
                 if c.completion_logprobs:
-                    echoed.add([_as_event(c.completion_logprobs, i)
-                                for i in range(len(c.completion_logprobs.tokens))])
+                    echoed.add(
+                        [
+                            _as_event(c.completion_logprobs, i)
+                            for i in range(len(c.completion_logprobs.tokens))
+                        ]
+                    )
                 c.completion_logprobs = echoed
     return final_body(kind, header, list(choices.values()), prompt_tokens, logprobs_on, octograph)
 
@@ -165,7 +169,9 @@ def _as_event(lps: CompletionLogprobs, i: int) -> Any:
         "id": -1,
         "text": lps.tokens[i],
         "logprob": lps.token_logprobs[i],
-        "top": [{"id": -1, "text": k, "logprob": v} for k, v in (lps.top_logprobs[i] or {}).items()],
+        "top": [
+            {"id": -1, "text": k, "logprob": v} for k, v in (lps.top_logprobs[i] or {}).items()
+        ],
     }
 
 
@@ -220,15 +226,23 @@ async def to_sse(
                         choice = {"index": idx, "text": text, "finish_reason": None}
                         if logprobs_on:
                             lp = CompletionLogprobs()
-                            lp.add(ev.get("logprobs", []))  # type: ignore[arg-type]
+                            lp.add(ev.get("logprobs", []))
                             choice["logprobs"] = lp.as_dict()
                     started.add(idx)
                 else:  # finish
                     completion_tokens += ev.get("completion_tokens", 0)
                     if kind == "chat":
-                        choice = {"index": idx, "delta": {}, "finish_reason": ev.get("finish_reason")}
+                        choice = {
+                            "index": idx,
+                            "delta": {},
+                            "finish_reason": ev.get("finish_reason"),
+                        }
                     else:
-                        choice = {"index": idx, "text": "", "finish_reason": ev.get("finish_reason")}
+                        choice = {
+                            "index": idx,
+                            "text": "",
+                            "finish_reason": ev.get("finish_reason"),
+                        }
                 extra: dict[str, Any] = {}
                 if first:
                     extra["octograph"] = octograph

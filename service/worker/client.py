@@ -3,6 +3,7 @@ shared and bounded; errors come back as ServiceErrors from the one taxonomy."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -85,7 +86,9 @@ class WorkerClient:
         try:
             response = await self._http.send(req, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise WorkerUnreachable(f"worker {self.base_url} unreachable: {type(exc).__name__}")
+            raise WorkerUnreachable(
+                f"worker {self.base_url} unreachable: {type(exc).__name__}"
+            ) from None
         except httpx.HTTPError as exc:
             raise UpstreamError(f"worker request failed: {type(exc).__name__}") from None
         try:
@@ -101,7 +104,9 @@ class WorkerClient:
         finally:
             await response.aclose()
 
-    async def _post(self, path: str, request: BaseModel, out: type[T], headers: dict[str, str] | None = None) -> T:
+    async def _post(
+        self, path: str, request: BaseModel, out: type[T], headers: dict[str, str] | None = None
+    ) -> T:
         try:
             response = await self._http.post(
                 f"{self.base_url}{path}",
@@ -109,7 +114,9 @@ class WorkerClient:
                 headers={"content-type": "application/json", **(headers or {})},
             )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise WorkerUnreachable(f"worker {self.base_url} unreachable: {type(exc).__name__}")
+            raise WorkerUnreachable(
+                f"worker {self.base_url} unreachable: {type(exc).__name__}"
+            ) from None
         except httpx.TimeoutException:
             raise DeadlineExceeded(f"worker {self.base_url} timed out") from None
         except httpx.HTTPError as exc:
@@ -118,10 +125,14 @@ class WorkerClient:
             raise await _error_from_response(response)
         return out.model_validate_json(response.content)
 
-    async def score(self, request: ScoreRequest, headers: dict[str, str] | None = None) -> ScoreResponse:
+    async def score(
+        self, request: ScoreRequest, headers: dict[str, str] | None = None
+    ) -> ScoreResponse:
         return await self._post("/internal/score", request, ScoreResponse, headers)
 
-    async def byte_dist(self, request: ByteDistRequest, headers: dict[str, str] | None = None) -> ByteDistResponse:
+    async def byte_dist(
+        self, request: ByteDistRequest, headers: dict[str, str] | None = None
+    ) -> ByteDistResponse:
         return await self._post("/internal/byte-dist", request, ByteDistResponse, headers)
 
     async def info(self) -> WorkerInfo:
@@ -141,10 +152,9 @@ class WorkerClient:
         return response.status_code == 200
 
     async def abort(self, request_id: str) -> None:
-        try:
+        # Best effort: closing the stream already aborts on the worker.
+        with contextlib.suppress(httpx.HTTPError):
             await self._http.post(f"{self.base_url}/internal/abort/{request_id}", timeout=2.0)
-        except httpx.HTTPError:
-            pass  # best effort: closing the stream already aborts on the worker
 
 
 def parse_json(data: bytes) -> Any:

@@ -112,7 +112,10 @@ class FakeEngine:
         sampling = prepared.request.sampling
         done = False
         try:
-            start: GenerateEvent = {"type": "start", "prompt_tokens": len(prepared.prompt_token_ids)}
+            start: GenerateEvent = {
+                "type": "start",
+                "prompt_tokens": len(prepared.prompt_token_ids),
+            }
             if sampling.prompt_logprobs is not None:
                 start["prompt_text"] = prepared.prompt_text
                 start["prompt_logprobs"] = [
@@ -189,8 +192,13 @@ class FakeEngine:
             ids = q.token_ids or []
             self.scored.append(text)
             if self.score_hook is not None:
-                results.append(ScoreResult(prompt_tokens=len(text.split()),
-                                           token_logprobs=self.score_hook(text, ids), top=[]))
+                results.append(
+                    ScoreResult(
+                        prompt_tokens=len(text.split()),
+                        token_logprobs=self.score_hook(text, ids),
+                        top=[],
+                    )
+                )
                 continue
             # Deterministic scores that depend on the prompt: lets routing tests steer choices.
             raw = {t: -float((zlib.crc32(f"{text}|{t}".encode()) % 1000) / 100) for t in ids}

@@ -111,9 +111,7 @@ class WorkerPools:
                 pool.mark_failed(replica)
             self._metrics.worker_up.labels(pool.name, replica.url).set(1 if replica.healthy else 0)
 
-        await asyncio.gather(
-            *(probe(p, r) for p in self.pools.values() for r in p.replicas)
-        )
+        await asyncio.gather(*(probe(p, r) for p in self.pools.values() for r in p.replicas))
 
     async def _loop(self) -> None:
         while True:

@@ -20,7 +20,9 @@ class HFTokenizer(Protocol):
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
 
-def render_chat(tokenizer: HFTokenizer, messages: list[ChatTurn], add_generation_prompt: bool) -> str:
+def render_chat(
+    tokenizer: HFTokenizer, messages: list[ChatTurn], add_generation_prompt: bool
+) -> str:
     turns = [{"role": m.role, "content": m.content} for m in messages]
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template(

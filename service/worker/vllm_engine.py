@@ -84,7 +84,7 @@ class VLLMEngine:
             served_model_name=[self._served_name],
             max_model_len=self._settings.max_model_len,
             max_num_seqs=self._settings.max_num_seqs,
-            dtype=self._settings.dtype,
+            dtype=self._settings.dtype,  # type: ignore[arg-type]
             max_logprobs=20,
             enable_prefix_caching=True,
             disable_log_stats=False,
@@ -133,7 +133,9 @@ class VLLMEngine:
         vocab = len(self._tokenizer)
         if any(not 0 <= t < vocab for t in ids):
             raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        max_tokens = check_context(len(ids), request.sampling.max_tokens, self._settings.max_model_len)
+        max_tokens = check_context(
+            len(ids), request.sampling.max_tokens, self._settings.max_model_len
+        )
         return PreparedPrompt(request, ids, text, max_tokens)
 
     def _sampling_params(self, prepared: PreparedPrompt) -> Any:
@@ -234,7 +236,9 @@ class VLLMEngine:
                 token_lps = {t: float(lp.logprob) for t, lp in lps.items() if t in set(q.token_ids)}
             if q.top_k:
                 lps = await self._next_token_logprobs(ids, rid + "-top", top_k=q.top_k)
-                ranked = sorted(((t, float(lp.logprob)) for t, lp in lps.items()), key=lambda x: -x[1])
+                ranked = sorted(
+                    ((t, float(lp.logprob)) for t, lp in lps.items()), key=lambda x: -x[1]
+                )
                 top = ranked[: q.top_k]
             return ScoreResult(prompt_tokens=len(ids), token_logprobs=token_lps, top=top)
 
@@ -256,7 +260,9 @@ class VLLMEngine:
         )
         final = None
         engine = self._require()
-        async for out in _translated(engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid)):
+        async for out in _translated(
+            engine.generate(TokensPrompt(prompt_token_ids=ids), params, rid)
+        ):
             final = out
         assert final is not None
         logprobs = final.outputs[0].logprobs
@@ -299,7 +305,7 @@ def _token_logprobs(token_ids: Any, logprobs: Any) -> list[TokenLogprobEvent]:
                 for t, lp in step.items()
                 if lp.rank is not None
             ),
-            key=lambda e: -e["logprob"],
+            key=lambda e: -float(e["logprob"]),
         )
         events.append(
             {

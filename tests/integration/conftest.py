@@ -71,7 +71,9 @@ def start_gateway(config_text: str, env: dict[str, str] | None = None) -> Gatewa
     log_path = tmp / "gateway.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "gateway", "--config", str(cfg), "--port", str(port)],
-        cwd=REPO, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        cwd=REPO,
+        stdout=open(log_path, "wb"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
         env={**os.environ, "OCTOGRAPH_HEALTH_INTERVAL_S": "0.5", **(env or {})},
         start_new_session=True,
     )

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 def graph_text(workers: RealWorkers) -> str:
     return f"""
 models:
-  smollm2: {{urls: ["{workers.url('smollm2')}"], max_model_len: 2048}}
-  gemma3: {{urls: ["{workers.url('gemma3')}"], max_model_len: 2048}}
+  smollm2: {{urls: ["{workers.url("smollm2")}"], max_model_len: 2048}}
+  gemma3: {{urls: ["{workers.url("gemma3")}"], max_model_len: 2048}}
 nodes:
   general:
     kind: model
@@ -34,7 +34,8 @@ def client(real_workers: RealWorkers, real_gateway: GatewayFactory) -> openai.Op
 
 def test_chat_real_answer(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model="general", max_tokens=24,
+        model="general",
+        max_tokens=24,
         messages=[{"role": "user", "content": "What is the capital of France?"}],
     )
     text = resp.choices[0].message.content
@@ -42,16 +43,30 @@ def test_chat_real_answer(client: openai.OpenAI) -> None:
     assert resp.usage.completion_tokens <= 24 and resp.usage.prompt_tokens > 10
 
 
-def test_chat_greedy_matches_worker_directly(real_workers: RealWorkers, client: openai.OpenAI) -> None:
+def test_chat_greedy_matches_worker_directly(
+    real_workers: RealWorkers, client: openai.OpenAI
+) -> None:
     messages = [{"role": "user", "content": "Name three colours."}]
-    via_gateway = client.chat.completions.create(
-        model="smollm2", max_tokens=16, temperature=0, messages=messages
-    ).choices[0].message.content
+    via_gateway = (
+        client.chat.completions.create(
+            model="smollm2", max_tokens=16, temperature=0, messages=messages
+        )
+        .choices[0]
+        .message.content
+    )
     direct = ""
-    with httpx.stream("POST", f"{real_workers.url('smollm2')}/internal/generate", json={
-        "request_id": "direct", "messages": messages,
-        "sampling": {"max_tokens": 16, "temperature": 0}}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{real_workers.url('smollm2')}/internal/generate",
+        json={
+            "request_id": "direct",
+            "messages": messages,
+            "sampling": {"max_tokens": 16, "temperature": 0},
+        },
+        timeout=60,
+    ) as r:
         import json
+
         for line in r.iter_lines():
             ev = json.loads(line)
             if ev["type"] == "delta":
@@ -61,7 +76,9 @@ def test_chat_greedy_matches_worker_directly(real_workers: RealWorkers, client: 
 
 def test_streaming_chat(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="general", max_tokens=16, stream=True,
+        model="general",
+        max_tokens=16,
+        stream=True,
         stream_options={"include_usage": True},
         messages=[{"role": "user", "content": "Say hello."}],
     )
@@ -74,8 +91,12 @@ def test_streaming_chat(client: openai.OpenAI) -> None:
 
 def test_completions_gemma_logprobs_echo(client: openai.OpenAI) -> None:
     resp = client.completions.create(
-        model="gemma3", prompt="The quick brown fox", max_tokens=5, temperature=0,
-        logprobs=2, echo=True,
+        model="gemma3",
+        prompt="The quick brown fox",
+        max_tokens=5,
+        temperature=0,
+        logprobs=2,
+        echo=True,
     )
     choice = resp.choices[0]
     assert choice.text.startswith("The quick brown fox")
@@ -88,12 +109,20 @@ def test_completions_gemma_logprobs_echo(client: openai.OpenAI) -> None:
 
 def test_n_and_seed(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model="smollm2", n=3, max_tokens=12, temperature=1.0, seed=7,
+        model="smollm2",
+        n=3,
+        max_tokens=12,
+        temperature=1.0,
+        seed=7,
         messages=[{"role": "user", "content": "Write a word."}],
     )
     assert len(resp.choices) == 3
     again = client.chat.completions.create(
-        model="smollm2", n=3, max_tokens=12, temperature=1.0, seed=7,
+        model="smollm2",
+        n=3,
+        max_tokens=12,
+        temperature=1.0,
+        seed=7,
         messages=[{"role": "user", "content": "Write a word."}],
     )
     assert [c.message.content for c in resp.choices] == [c.message.content for c in again.choices]
@@ -101,7 +130,11 @@ def test_n_and_seed(client: openai.OpenAI) -> None:
 
 def test_stop_sequence(client: openai.OpenAI) -> None:
     resp = client.completions.create(
-        model="smollm2", prompt="1, 2, 3, 4,", max_tokens=20, temperature=0, stop=[" 7"],
+        model="smollm2",
+        prompt="1, 2, 3, 4,",
+        max_tokens=20,
+        temperature=0,
+        stop=[" 7"],
     )
     assert resp.choices[0].finish_reason == "stop"
     assert " 7" not in resp.choices[0].text
@@ -109,7 +142,11 @@ def test_stop_sequence(client: openai.OpenAI) -> None:
 
 def test_chat_logprobs(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model="smollm2", max_tokens=4, logprobs=True, top_logprobs=3, temperature=0,
+        model="smollm2",
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+        temperature=0,
         messages=[{"role": "user", "content": "Hi"}],
     )
     content = resp.choices[0].logprobs.content
@@ -124,7 +161,8 @@ def test_errors(client: openai.OpenAI) -> None:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(
-            model="smollm2", max_tokens=4000, messages=[{"role": "user", "content": "x"}])
+            model="smollm2", max_tokens=4000, messages=[{"role": "user", "content": "x"}]
+        )
     assert "context" in str(exc.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="smollm2", messages=[])

@@ -44,12 +44,19 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
     cfg = tmp_path / "graph.yaml"
     cfg.write_text(CONFIG)
     port = free_port()
-    env = {**os.environ, "OCTOGRAPH_LOG_DIR": str(tmp_path / "logs"),
-           "OCTOGRAPH_SHUTDOWN_GRACE_S": "10", "OCTOGRAPH_WORKER_FAKE_TOKEN_DELAY_S": "0.05"}
+    env = {
+        **os.environ,
+        "OCTOGRAPH_LOG_DIR": str(tmp_path / "logs"),
+        "OCTOGRAPH_SHUTDOWN_GRACE_S": "10",
+        "OCTOGRAPH_WORKER_FAKE_TOKEN_DELAY_S": "0.05",
+    }
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "up", "--config", str(cfg), "--port", str(port)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -57,8 +64,10 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
         startup_s = time.monotonic() - t0
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 2
-        r = httpx.post(f"{url}/v1/chat/completions", json={
-            "model": "general", "messages": [{"role": "user", "content": "hello world"}]})
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "general", "messages": [{"role": "user", "content": "hello world"}]},
+        )
         assert r.status_code == 200 and "world" in r.json()["choices"][0]["message"]["content"]
 
         # A slow stream (50 ms a token) in flight while SIGTERM arrives: it must finish.
@@ -67,8 +76,12 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
 
         def stream() -> None:
             body = ""
-            with httpx.stream("POST", f"{url}/v1/completions", timeout=30, json={
-                    "model": "general", "prompt": "slow", "stream": True, "max_tokens": 10}) as resp:
+            with httpx.stream(
+                "POST",
+                f"{url}/v1/completions",
+                timeout=30,
+                json={"model": "general", "prompt": "slow", "stream": True, "max_tokens": 10},
+            ) as resp:
                 for text in resp.iter_text():
                     body += text
                     first_chunk.set()
@@ -79,8 +92,10 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
         assert first_chunk.wait(10)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.1)
-        refused = httpx.post(f"{url}/v1/chat/completions", json={
-            "model": "general", "messages": [{"role": "user", "content": "late"}]})
+        refused = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "general", "messages": [{"role": "user", "content": "late"}]},
+        )
         assert refused.status_code == 503
         th.join(timeout=30)
         body = str(result.get("body", ""))

@@ -48,27 +48,39 @@ async def test_chat_node_system_prompt_and_defaults_reach_worker(make_stack):
         return await original(request)
 
     eng.prepare = spy  # type: ignore[method-assign]
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "math", "messages": [{"role": "user", "content": "hi"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "math", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 200
     req = seen[0]
     assert req.messages[0].role == "system"
     assert req.messages[0].content == "You are a math tutor."
     assert req.sampling.temperature == 0.2  # node default
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "math", "temperature": 0.9, "messages": [{"role": "user", "content": "hi"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "math", "temperature": 0.9, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert seen[1].sampling.temperature == 0.9  # request wins
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "alpha", "messages": [{"role": "user", "content": "hi"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "alpha", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 200
     assert seen[2].messages[0].role == "user"  # raw model: no node system prompt
 
 
 async def test_chat_streaming_chunks_and_done(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "general", "stream": True, "stream_options": {"include_usage": True},
-        "messages": [{"role": "user", "content": "tell me about kiwis"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "general",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "tell me about kiwis"}],
+        },
+    )
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.text)
@@ -87,7 +99,8 @@ async def test_streaming_with_openai_client(make_stack):
     stack = await make_stack()
     client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x")
     stream = await client.chat.completions.create(
-        model="general", stream=True, messages=[{"role": "user", "content": "x y z"}])
+        model="general", stream=True, messages=[{"role": "user", "content": "x y z"}]
+    )
     parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
     assert "".join(parts).startswith("fake answer 0 about z")
     await client.close()
@@ -95,8 +108,10 @@ async def test_streaming_with_openai_client(make_stack):
 
 async def test_n_choices_are_distinct_and_counted(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "general", "n": 3, "messages": [{"role": "user", "content": "q"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "general", "n": 3, "messages": [{"role": "user", "content": "q"}]},
+    )
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert {c["message"]["content"].split()[2] for c in body["choices"]} == {"0", "1", "2"}
@@ -105,8 +120,14 @@ async def test_n_choices_are_distinct_and_counted(make_stack):
 
 async def test_stop_sequence_truncates(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "general", "stop": ["about"], "messages": [{"role": "user", "content": "q"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "general",
+            "stop": ["about"],
+            "messages": [{"role": "user", "content": "q"}],
+        },
+    )
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] == "fake answer 0 "
     assert choice["finish_reason"] == "stop"
@@ -114,8 +135,10 @@ async def test_stop_sequence_truncates(make_stack):
 
 async def test_max_tokens_gives_length(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "general", "max_tokens": 3, "messages": [{"role": "user", "content": "q"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "general", "max_tokens": 3, "messages": [{"role": "user", "content": "q"}]},
+    )
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] == "fake answer 0"
     assert choice["finish_reason"] == "length"
@@ -124,9 +147,16 @@ async def test_max_tokens_gives_length(make_stack):
 
 async def test_chat_logprobs_shape(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "general", "logprobs": True, "top_logprobs": 2, "max_tokens": 2,
-        "messages": [{"role": "user", "content": "q"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "general",
+            "logprobs": True,
+            "top_logprobs": 2,
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": "q"}],
+        },
+    )
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert len(content) == 2
     assert content[0]["token"] == "fake" and content[0]["logprob"] == -0.5
@@ -136,8 +166,10 @@ async def test_chat_logprobs_shape(make_stack):
 
 async def test_completions_multiple_prompts_and_n(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/completions", json={
-        "model": "general", "prompt": ["one apple", "two pears"], "n": 2, "max_tokens": 5})
+    r = await stack.client.post(
+        "/v1/completions",
+        json={"model": "general", "prompt": ["one apple", "two pears"], "n": 2, "max_tokens": 5},
+    )
     body = r.json()
     assert body["object"] == "text_completion"
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
@@ -155,9 +187,16 @@ async def test_completions_default_max_tokens_is_16(make_stack):
 
 async def test_completions_echo_and_logprobs(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/completions", json={
-        "model": "general", "prompt": "hello there", "echo": True, "logprobs": 1,
-        "max_tokens": 2})
+    r = await stack.client.post(
+        "/v1/completions",
+        json={
+            "model": "general",
+            "prompt": "hello there",
+            "echo": True,
+            "logprobs": 1,
+            "max_tokens": 2,
+        },
+    )
     choice = r.json()["choices"][0]
     assert choice["text"] == "hello therefake answer"
     lp = choice["logprobs"]
@@ -167,8 +206,10 @@ async def test_completions_echo_and_logprobs(make_stack):
 
 async def test_completions_streaming(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/completions", json={
-        "model": "general", "prompt": "stream me", "stream": True, "max_tokens": 4})
+    r = await stack.client.post(
+        "/v1/completions",
+        json={"model": "general", "prompt": "stream me", "stream": True, "max_tokens": 4},
+    )
     events = sse_events(r.text)
     assert events[-1] == "DONE"
     text = "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
@@ -177,8 +218,10 @@ async def test_completions_streaming(make_stack):
 
 async def test_route_header_and_body_field(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "physics", "messages": [{"role": "user", "content": "q"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "physics", "messages": [{"role": "user", "content": "q"}]},
+    )
     assert r.headers["x-octograph-route"] == "physics"
     assert r.json()["octograph"]["route"] == ["physics"]
 
@@ -193,24 +236,59 @@ async def test_route_header_and_body_field(make_stack):
         (json.dumps({"model": "general"}), 400, "messages"),
         (json.dumps({"model": "general", "messages": []}), 400, "messages"),
         (json.dumps({"model": "general", "messages": "hi"}), 400, "messages"),
-        (json.dumps({"model": "general", "messages": [{"role": "user", "content": "x"}],
-                     "temperature": 5}), 400, "temperature"),
-        (json.dumps({"model": "general", "messages": [{"role": "user", "content": "x"}],
-                     "n": 0}), 400, "n"),
-        (json.dumps({"model": "general", "messages": [{"role": "user", "content": "x"}],
-                     "max_tokens": -1}), 400, "max_tokens"),
-        (json.dumps({"model": "general", "messages": [{"role": "wizard", "content": "x"}]}),
-         400, None),
-        (json.dumps({"model": "general", "messages": [{"role": "user", "content": "x"}],
-                     "tools": [{"type": "function"}]}), 400, None),
-        (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
-         404, None),
+        (
+            json.dumps(
+                {
+                    "model": "general",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "temperature": 5,
+                }
+            ),
+            400,
+            "temperature",
+        ),
+        (
+            json.dumps(
+                {"model": "general", "messages": [{"role": "user", "content": "x"}], "n": 0}
+            ),
+            400,
+            "n",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "general",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "max_tokens": -1,
+                }
+            ),
+            400,
+            "max_tokens",
+        ),
+        (
+            json.dumps({"model": "general", "messages": [{"role": "wizard", "content": "x"}]}),
+            400,
+            None,
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "general",
+                    "messages": [{"role": "user", "content": "x"}],
+                    "tools": [{"type": "function"}],
+                }
+            ),
+            400,
+            None,
+        ),
+        (json.dumps({"model": "nope", "messages": [{"role": "user", "content": "x"}]}), 404, None),
     ],
 )
 async def test_bad_requests_get_openai_errors(make_stack, body, status, param):
     stack = await make_stack()
-    r = await stack.client.post("/v1/chat/completions", content=body,
-                                headers={"content-type": "application/json"})
+    r = await stack.client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -223,8 +301,10 @@ async def test_bad_requests_get_openai_errors(make_stack, body, status, param):
 async def test_context_overflow_is_400_and_engine_not_called(make_stack):
     stack = await make_stack()
     long = " ".join(["word"] * 400)  # alpha's context is 256 fake tokens
-    r = await stack.client.post("/v1/chat/completions", json={
-        "model": "general", "messages": [{"role": "user", "content": long}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "general", "messages": [{"role": "user", "content": long}]},
+    )
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
     assert stack.engine("alpha").generated == []
@@ -239,8 +319,11 @@ async def test_unknown_route_is_404_json(make_stack):
 
 async def test_request_id_echoed_and_forwarded(make_stack):
     stack = await make_stack()
-    r = await stack.client.post("/v1/chat/completions", headers={"x-request-id": "abc-123"},
-                                json={"model": "general", "messages": [{"role": "user", "content": "q"}]})
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        headers={"x-request-id": "abc-123"},
+        json={"model": "general", "messages": [{"role": "user", "content": "q"}]},
+    )
     assert r.headers["x-request-id"] == "abc-123"
     assert stack.engine("alpha").generated == ["abc-123"]
     assert r.json()["id"] == "chatcmpl-abc-123"

@@ -28,12 +28,14 @@ async def test_admission_bound_gives_fast_429_with_retry_after(make_stack):
     stack = await make_stack(max_inflight=2)
     gate = asyncio.Event()
     stack.engine("alpha").gate = gate
-    held = [asyncio.create_task(stack.client.post("/v1/chat/completions", json=CHAT))
-            for _ in range(2)]
+    held = [
+        asyncio.create_task(stack.client.post("/v1/chat/completions", json=CHAT)) for _ in range(2)
+    ]
     await _wait_for(lambda: stack.lifecycle.inflight == 2)
     t0 = time.monotonic()
-    rejected = await asyncio.gather(*(stack.client.post("/v1/chat/completions", json=CHAT)
-                                      for _ in range(3)))
+    rejected = await asyncio.gather(
+        *(stack.client.post("/v1/chat/completions", json=CHAT) for _ in range(3))
+    )
     assert time.monotonic() - t0 < 0.5
     assert [r.status_code for r in rejected] == [429, 429, 429]
     assert all(r.headers["retry-after"] == "1" for r in rejected)
@@ -64,11 +66,11 @@ async def test_stream_disconnect_aborts_worker_and_frees_slot(make_stack):
     engine = stack.engine("alpha")
     engine.token_delay_s = 0.05
     engine.reply_words = 1000
-    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client:
-        async with client.stream("POST", "/v1/chat/completions",
-                                 json={**CHAT, "stream": True, "max_tokens": 200}) as r:
-            async for _ in r.aiter_lines():
-                break  # first chunk arrived; now the client goes away
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client, client.stream(
+        "POST", "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 200}
+    ) as r:
+        async for _ in r.aiter_lines():
+            break  # first chunk arrived; now the client goes away
     closed_at = time.monotonic()
     await _wait_for(lambda: engine.aborted, timeout=1.0)
     abort_latency = time.monotonic() - closed_at
@@ -98,7 +100,9 @@ async def test_failure_mid_stream_gives_error_event_then_done(make_stack):
     events = sse_events(r.text)
     assert events[-1] == "DONE"
     assert "error" in events[-2]
-    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-2] if e.get("choices"))
+    text = "".join(
+        e["choices"][0]["delta"].get("content", "") for e in events[:-2] if e.get("choices")
+    )
     assert text == "fake answer 0"  # what was sent stays sent; no retry, no duplicate
 
 
@@ -155,8 +159,12 @@ async def test_readiness_reflects_workers_and_draining(make_stack):
     assert (await stack.client.get("/readyz")).status_code == 200
     await stack.workers["beta"][0].stop()
     await _wait_for(lambda: not stack.app.state.gateway.pools["beta"].ready)
-    r = await stack.client.get("/readyz")
-    assert r.status_code == 503 and r.json()["models"]["beta"] is False
+    r = await stack.client.get("/readyz")  # a leaf model down: still ready, and says so
+    assert r.status_code == 200 and r.json()["models"]["beta"] is False
+    await stack.workers["routerm"][0].stop()
+    await _wait_for(lambda: not stack.app.state.gateway.pools["routerm"].ready)
+    r = await stack.client.get("/readyz")  # the router model down: nothing can route
+    assert r.status_code == 503 and r.json()["models"]["routerm"] is False
     stack.lifecycle.draining = True
     assert (await stack.client.get("/readyz")).json()["status"] == "draining"
     assert (await stack.client.get("/livez")).status_code == 200
@@ -188,18 +196,27 @@ async def test_auth_deny_by_default_and_health_open(make_stack, tmp_path, caplog
     await asyncio.sleep(1.1)
     keys.write_text("secret-two\n")
     import os
+
     os.utime(keys, (time.time() + 5, time.time() + 5))
     await asyncio.sleep(1.1)
-    assert (await stack.client.get("/v1/models", headers={"authorization": "Bearer secret-two"})).status_code == 200
-    assert (await stack.client.get("/v1/models", headers={"authorization": "Bearer secret-one"})).status_code == 401
+    assert (
+        await stack.client.get("/v1/models", headers={"authorization": "Bearer secret-two"})
+    ).status_code == 200
+    assert (
+        await stack.client.get("/v1/models", headers={"authorization": "Bearer secret-one"})
+    ).status_code == 401
     assert "secret-one" not in caplog.text and "secret-two" not in caplog.text
 
 
 async def test_rate_limit_per_key(make_stack):
     stack = await make_stack(api_keys=["k1", "k2"], rate_limit_rpm=2)
     h1 = {"authorization": "Bearer k1"}
-    codes = [(await stack.client.post("/v1/chat/completions", json=CHAT, headers=h1)).status_code
-             for _ in range(3)]
+    codes = [
+        (await stack.client.post("/v1/chat/completions", json=CHAT, headers=h1)).status_code
+        for _ in range(3)
+    ]
     assert codes == [200, 200, 429]
-    r = await stack.client.post("/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer k2"})
+    r = await stack.client.post(
+        "/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer k2"}
+    )
     assert r.status_code == 200

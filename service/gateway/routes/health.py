@@ -19,11 +19,15 @@ async def livez() -> dict[str, str]:
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(state: StateDep) -> Response:
-    """Graph loaded, every model has a healthy replica, not draining."""
+    """Graph loaded, not draining, and the required models have a healthy replica: the router
+    models (without them nothing routes), or every model of a graph without routers. A leaf
+    model being down is not a reason to pull every gateway replica out of the Service: its
+    requests get a 503 or the router's fallback instead."""
     models = {name: pool.ready for name, pool in state.pools.pools.items()}
     if state.lifecycle.draining:
         return JSONResponse({"status": "draining", "models": models}, status_code=503)
-    ready = all(models.values())
+    required = state.required_models or set(models)
+    ready = all(models[m] for m in required)
     return JSONResponse(
         {"status": "ready" if ready else "waiting for workers", "models": models},
         status_code=200 if ready else 503,

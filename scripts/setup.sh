@@ -29,3 +29,6 @@ else
   echo "[setup] packages up to date"
 fi
 "$VENV/bin/octograph" models prepare
+# The default graph's router model (SmolLM2 + trained functional tokens): built once (about
+# 2-3 minutes on 2 CPU cores), then skipped while its inputs are unchanged.
+"$VENV/bin/octograph" router build --graph configs/local.yaml

@@ -71,6 +71,7 @@ def _worker(args: argparse.Namespace) -> int:
             name=settings.served_name or settings.model,
             max_model_len=settings.max_model_len,
             token_delay_s=args.fake_token_delay or settings.fake_token_delay_s,
+            reply_words=args.fake_reply_words or settings.fake_reply_words,
         )
     else:
         from service.models.resolve import resolve_model_dir
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--threads", type=int)
     wk.add_argument("--fake", action="store_true", help="no model: deterministic canned tokens")
     wk.add_argument("--fake-token-delay", type=float)
+    wk.add_argument("--fake-reply-words", type=int, help="--fake: tokens in each reply")
     wk.set_defaults(func=_worker)
 
     md = sub.add_parser("models", help="packaged models")

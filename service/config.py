@@ -57,12 +57,23 @@ class WorkerSettings(BaseSettings):
     dtype: str = "bfloat16"
     threads: int | None = Field(None, description="CPU threads for the engine (CPU builds)")
     kv_cache_gib: PositiveFloat = 2.0
+    # Prefix caching reuses whole KV blocks only. vLLM's CPU default (128 tokens) leaves the
+    # router's ~75-token system prompt and short scoring paths uncached; 32 is the smallest
+    # size the CPU kernels run at full speed.
+    block_size: PositiveInt | None = 32
     max_inflight: PositiveInt = 256
     shutdown_grace_s: PositiveFloat = 30.0
     enable_capture: bool = Field(
         True, description="full-distribution capture for byte-level scoring (ensembles)"
     )
+    byte_dist_timeout_s: PositiveFloat = Field(
+        120.0, description="deadline of one /internal/byte-dist request's model forwards"
+    )
+    byte_dist_cache_mib: PositiveInt = Field(
+        256, description="LRU of prepared paths for byte-level scoring (2 MiB a Gemma-3 path)"
+    )
     cache_dir: Path | None = None
     fake_token_delay_s: float = Field(0.0, ge=0.0, description="--fake workers only")
+    fake_reply_words: PositiveInt = Field(12, description="--fake workers only: tokens a reply")
     log_json: bool = True
     log_level: str = "INFO"

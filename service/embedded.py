@@ -54,7 +54,7 @@ def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
     needed = sorted(
         {
             s.packaged
-            for s in graph.models.values()
+            for s in graph.worker_models().values()
             if s.packaged and not s.urls and s.engine == "vllm"
         }
     )
@@ -63,7 +63,7 @@ def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
             if r.status != "ready":
                 say(f"prepared {r.name} in {r.seconds:.0f}s")
     dirs: dict[str, Path] = {}
-    for name, spec in graph.models.items():
+    for name, spec in graph.worker_models().items():  # kind: openai models run elsewhere
         if spec.urls:
             continue
         if spec.engine == "fake":
@@ -105,9 +105,9 @@ def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> l
             "--threads",
             str(threads),
             "--max-model-len",
-            str(graph.models[name].max_model_len),
+            str(graph.worker_models()[name].max_model_len),
         ]
-        if graph.models[name].engine == "fake":
+        if graph.worker_models()[name].engine == "fake":
             cmd.append("--fake")
         proc = subprocess.Popen(
             cmd,

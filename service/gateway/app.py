@@ -10,12 +10,15 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from service.config import GatewaySettings
+from service.console.stats import ConsoleStats
 from service.gateway.auth import ApiKeys
 from service.gateway.middleware import GatewayMiddleware
 from service.gateway.pipeline import Pipeline
+from service.gateway.routes import console as console_routes
 from service.gateway.routes import health, openai_routes
 from service.http_errors import install_error_handlers
 from service.observability.metrics import GatewayMetrics
+from service.remote.client import upstream_clients
 from service.router.graph import GraphConfig, RouterNode
 from service.router.policy import Router
 from service.serving import Lifecycle
@@ -32,6 +35,7 @@ class GatewayState:
     lifecycle: Lifecycle
     registry: CollectorRegistry
     metrics: GatewayMetrics
+    console: ConsoleStats  # recent requests and routing decisions shown at /console
 
     @property
     def required_models(self) -> set[str]:
@@ -41,7 +45,7 @@ class GatewayState:
 def worker_urls(
     graph: GraphConfig, overrides: dict[str, list[str]] | None = None
 ) -> dict[str, list[str]]:
-    urls = {name: list(spec.urls) for name, spec in graph.models.items()}
+    urls = {name: list(spec.urls) for name, spec in graph.worker_models().items()}
     for name, us in (overrides or {}).items():
         urls[name] = us
     return urls
@@ -64,13 +68,17 @@ def build_gateway_app(
         metrics,
         health_interval_s=settings.health_interval_s,
         cooldown_s=settings.cooldown_s,
+        upstreams=upstream_clients(graph),  # kind: openai models (service/remote/)
     )
     router = Router(graph, pools, metrics)
     from service.ensemble.runner import EnsembleRunner
 
     ensembles = EnsembleRunner(graph, pools, metrics)
     pipeline = Pipeline(graph, pools, router, metrics, settings, ensembles=ensembles)
-    state = GatewayState(settings, graph, pools, pipeline, lifecycle, registry, metrics)
+    # Series only for the graph's ids: the recorder's memory is bounded by the graph.
+    console = ConsoleStats([*graph.nodes, *graph.models])
+    pipeline.console = console
+    state = GatewayState(settings, graph, pools, pipeline, lifecycle, registry, metrics, console)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -90,6 +98,7 @@ def build_gateway_app(
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai_routes.router)
+    app.include_router(console_routes.router)
     keys = ApiKeys(
         [k.get_secret_value() for k in settings.api_keys],
         settings.api_keys_file,

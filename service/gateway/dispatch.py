@@ -63,13 +63,17 @@ async def open_model_stream(
 async def _tracked(
     replica: Replica, first: GenerateEvent, stream: AsyncIterator[GenerateEvent]
 ) -> AsyncIterator[GenerateEvent]:
+    ended = False
     try:
         yield first
         async for event in stream:
             yield event
+        ended = True
     finally:
         replica.inflight -= 1
-        # Closing the HTTP stream is what tells the worker to abort; shield it so a cancelled
-        # client request still releases the upstream work.
-        with contextlib.suppress(Exception):
-            await asyncio.shield(stream.aclose())  # type: ignore[attr-defined]
+        if not ended:
+            # Closing the HTTP stream is what tells the worker to abort; shield it so a
+            # cancelled client request still releases the upstream work. (A stream that ended
+            # has nothing to close: no shield task on the common path.)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(stream.aclose())  # type: ignore[attr-defined]

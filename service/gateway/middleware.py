@@ -26,7 +26,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/livez", "/readyz"})
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/console"})
+# The console's static shell (code, no data) loads without a key; it then asks for one.
+OPEN_PREFIXES = ("/console/static/",)
 ADMITTED_PREFIXES = ("/v1/",)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
@@ -76,7 +78,7 @@ class GatewayMiddleware:
             await send(message)
 
         path: str = scope["path"]
-        if path not in self.open_paths:
+        if path not in self.open_paths and not path.startswith(OPEN_PREFIXES):
             error = self.keys.check(_header(scope, b"authorization"), path)
             if error is not None:
                 await send_error(send_with_id, error, [(b"www-authenticate", b"Bearer")])

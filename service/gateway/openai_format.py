@@ -46,9 +46,7 @@ class CompletionLogprobs:
             self.tokens.append(text)
             self.token_logprobs.append(lp["logprob"])
             self.top_logprobs.append(
-                {t["text"]: t["logprob"] for t in lp["top"]}
-                if lp["logprob"] is not None
-                else None
+                {t["text"]: t["logprob"] for t in lp["top"]} if lp["logprob"] is not None else None
             )
             self.text_offset.append(self.offset)
             self.offset += len(text)

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.config import GatewaySettings
 from service.errors import BadRequest, DeadlineExceeded, NotFound, Overloaded, ServiceError
@@ -24,15 +24,20 @@ from service.gateway.streams import EventStream, collect, merge_jobs, to_sse
 from service.observability.metrics import GatewayMetrics
 from service.protocol.internal import ChatTurn, GenerateEvent, GenerateRequest, SamplingOptions
 from service.protocol.openai import ChatCompletionRequest, CompletionRequest, RouteRequest
+from service.remote.runner import RemoteRunner
 from service.router.graph import EnsembleNode, GraphConfig, ModelNode, SamplingDefaults
 from service.router.policy import Router, RouteResult, query_text, resolve_start
 from service.worker.pool import WorkerPools
+
+if TYPE_CHECKING:
+    from service.console.stats import ConsoleStats
 
 
 @dataclass
 class RequestContext:
     request_id: str
     deadline: float  # time.monotonic() by which the whole request must be done
+    started: float = field(default_factory=time.monotonic)  # for the console's latency stats
 
     @property
     def worker_headers(self) -> dict[str, str]:
@@ -102,6 +107,8 @@ class Pipeline:
         self.settings = settings
         self.ensembles = ensembles
         self.admission = NodeAdmission(settings.max_inflight_per_node, metrics)
+        self.console: ConsoleStats | None = None  # the /console recorder, set by the app
+        self.remote = RemoteRunner(graph, pools, metrics)  # nodes on OpenAI-compatible servers
 
     # -- the story --------------------------------------------------------------------------
 
@@ -110,6 +117,8 @@ class Pipeline:
         route = await self.route_to(
             req.model, query_text([(t.role, t.content) for t in turns], None), ctx
         )
+        if (remote := await self._answer_remote("chat", req, route, ctx)) is not None:
+            return remote
         sampling = self._sampling(
             req, route.node, logprobs=req.top_logprobs or 0 if req.logprobs else None
         )
@@ -122,6 +131,8 @@ class Pipeline:
         prompts = req.prompts()
         first_text = next((p for p in prompts if isinstance(p, str)), None)
         route = await self.route_to(req.model, query_text(None, first_text or ""), ctx)
+        if (remote := await self._answer_remote("completion", req, route, ctx)) is not None:
+            return remote
         sampling = self._sampling(req, route.node, logprobs=req.logprobs)
         if req.echo and req.logprobs is not None:
             sampling.prompt_logprobs = req.logprobs
@@ -141,6 +152,7 @@ class Pipeline:
             logprobs_on=req.logprobs is not None,
             top_k=req.logprobs or 0,
             echo=req.echo,
+            byte_exact=req.byte_exact,
         )
 
     async def route_only(self, req: RouteRequest, ctx: RequestContext) -> RouteResult:
@@ -153,8 +165,16 @@ class Pipeline:
         if model in self.graph.models and model not in self.graph.nodes:
             return RouteResult(node=model, route=[model])  # raw model: no routing, no prompt
         start = resolve_start(self.graph, model)
-        async with asyncio.timeout(ctx.remaining()):
-            return await self.router.route(start, query, ctx.worker_headers)
+        try:
+            async with asyncio.timeout(ctx.remaining()):
+                route = await self.router.route(start, query, ctx.worker_headers)
+        except BaseException as exc:
+            if self.console is not None:
+                self.console.request_failed(start, ctx.started, exc)
+            raise
+        if self.console is not None:
+            self.console.record_decision(route)
+        return route
 
     def _sampling(
         self, req: ChatCompletionRequest | CompletionRequest, node_id: str, logprobs: int | None
@@ -207,10 +227,18 @@ class Pipeline:
         raise BadRequest(f"node '{node_id}' ({node.kind}) cannot generate directly")
 
     async def open_node(
-        self, node_id: str, request: GenerateRequest, ctx: RequestContext
+        self, node_id: str, request: GenerateRequest, ctx: RequestContext, byte_exact: bool = False
     ) -> EventStream:
         """The events of one worker request on the node that answers."""
         node = self.graph.nodes.get(node_id)
+        if byte_exact and not isinstance(node, EnsembleNode):
+            # Byte-level generation on one model: the prompt's last word is re-opened.
+            if self.ensembles is None:
+                raise ServiceError("byte_exact is not available on this gateway")
+            exact: EventStream = await self.ensembles.open_exact(
+                self.model_of(node_id), request, ctx
+            )
+            return exact
         if isinstance(node, EnsembleNode):
             if self.ensembles is None:
                 raise ServiceError(f"ensemble node '{node_id}' is not available on this gateway")
@@ -222,18 +250,43 @@ class Pipeline:
             self.metrics.retries.labels(node_id).inc()
         return stream
 
+    async def _answer_remote(
+        self,
+        kind: Kind,
+        req: ChatCompletionRequest | CompletionRequest,
+        route: RouteResult,
+        ctx: RequestContext,
+    ) -> Reply | None:
+        """A node on an OpenAI-compatible upstream answers with the client's request passed
+        through (service/remote/). None: the node is local, or its fallback is."""
+        answer = await self.remote.answer(kind, req, route, ctx, self.admission, self.console)
+        if answer is None:
+            return None
+        headers = {"x-octograph-route": route.header}
+        return Reply(route=route, body=answer.body, stream=answer.stream, headers=headers)
+
     async def _open_with_fallback(
-        self, route: RouteResult, request: GenerateRequest, ctx: RequestContext
+        self,
+        route: RouteResult,
+        request: GenerateRequest,
+        ctx: RequestContext,
+        byte_exact: bool = False,
     ) -> EventStream:
         try:
-            return await self.open_node(route.node, request, ctx)
+            return await self.open_node(route.node, request, ctx, byte_exact)
         except ServiceError as exc:
-            # Nothing has reached the client yet: the router's fallback may still answer.
-            if exc.status < 500 or not route.fallback or route.fallback == route.node:
+            # Nothing has reached the client yet: the router's fallback may still answer (a
+            # remote fallback would need the client's request, which this stage no longer has).
+            if (
+                exc.status < 500
+                or not route.fallback
+                or route.fallback == route.node
+                or self.remote.serves(route.fallback)
+            ):
                 raise
             route.route.append(f"fallback:{route.fallback}")
             route.node = route.fallback
-            return await self.open_node(route.fallback, request, ctx)
+            return await self.open_node(route.fallback, request, ctx, byte_exact)
 
     async def _run(
         self,
@@ -246,19 +299,27 @@ class Pipeline:
         logprobs_on: bool,
         top_k: int,
         echo: bool = False,
+        byte_exact: bool = False,
     ) -> Reply:
         node = route.node
         self.admission.enter(node)
         try:
             streams = [
-                (job.first_index, await self._open_with_fallback(route, job.request, ctx))
+                (
+                    job.first_index,
+                    await self._open_with_fallback(route, job.request, ctx, byte_exact),
+                )
                 for job in jobs
             ]
-        except BaseException:
+        except BaseException as exc:
             self.admission.leave(node)
+            if self.console is not None:
+                self.console.request_failed(node, ctx.started, exc)
             raise
         header = ResponseHeader(id=_response_id(kind, ctx.request_id), model=req.model)
         events = merge_jobs(streams, idle_timeout_s=self.settings.stream_idle_timeout_s)
+        if self.console is not None:  # records the request when its events end, however
+            events = self.console.watch(route, ctx.started, ctx.deadline, events)
         octo = route.as_dict()
         headers = {"x-octograph-route": route.header}
         if req.stream:

@@ -76,19 +76,33 @@ class ByteQuery(InternalModel):
 
     `partial` is the hex of bytes already produced inside the next token (may be empty)."""
 
-    token_ids: list[int]
-    partial: str = ""
+    token_ids: list[int] = Field(..., min_length=1)
+    partial: str = Field("", max_length=512)
 
 
 class ByteDistRequest(InternalModel):
     request_id: str
     queries: list[ByteQuery] = Field(..., min_length=1, max_length=512)
+    include_logprobs: bool = Field(
+        False,
+        description="also return each query's full next-token distribution (tests, debugging; "
+        "at most 8 queries, ~1 MB each for a 262k vocabulary)",
+    )
 
 
 class ByteDistResult(InternalModel):
+    # -inf (an empty bucket) must survive JSON: written as -Infinity, which pydantic parses.
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
     cont_lp: list[float]  # 257: next byte c<256 within a token extending `partial`; [256] stop
     exact: dict[int, list[float]] = Field(
         default_factory=dict, description="byte c -> [token id, logprob] of token == partial+c"
+    )
+    logprobs: str | None = Field(
+        None,
+        description="include_logprobs only: base64 of little-endian float32 natural-log "
+        "probabilities indexed by token id (len(tokenizer) entries), as captured; the reduction "
+        "used them renormalised in float64",
     )
 
 

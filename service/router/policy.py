@@ -1,6 +1,8 @@
 """Routing at request time: from a starting node, descend through router nodes by scoring the
-functional tokens of the current router's children on the router model (one forward per hop)
-until a node that answers (model or ensemble)."""
+functional tokens of the current router's children on the router model until a node that
+answers (model or ensemble). The router prompt does not depend on the hop, so one score call
+(one forward pass) returns the tokens of every router below the start that shares its model and
+prompt format: a two-hop route costs one call, not two."""
 
 from __future__ import annotations
 
@@ -11,19 +13,25 @@ from typing import Any
 
 from service.errors import BadRequest, NotFound, ServiceError, Unavailable
 from service.observability.metrics import GatewayMetrics
-from service.protocol.internal import ChatTurn, GenerateRequest, SamplingOptions, ScoreQuery, ScoreRequest
+from service.protocol.internal import (
+    GenerateRequest,
+    SamplingOptions,
+    ScoreQuery,
+    ScoreRequest,
+)
 from service.router.functional_tokens import (
     END_TOKEN,
-    OCTOPUS_SYSTEM_PROMPT,
     assign_tokens,
     parse_octopus_output,
     token_name,
 )
 from service.router.graph import GraphConfig, RouterNode
+from service.router.prompt import ROUTER_QUERY_CHARS, router_messages
 from service.worker.pool import WorkerPools
 
+__all__ = ["ROUTER_QUERY_CHARS", "RouteResult", "Router", "decide", "router_messages"]
+
 MAX_HOPS = 16
-ROUTER_QUERY_CHARS = 2000  # the router reads the head of the query; enough to classify
 
 
 @dataclass
@@ -47,11 +55,40 @@ class RouteResult:
         return ">".join(self.route)
 
 
-def router_messages(query: str, prompt_format: str) -> list[ChatTurn]:
-    query = query[-ROUTER_QUERY_CHARS:]
-    if prompt_format == "octopus-v4":
-        return [ChatTurn(role="system", content=OCTOPUS_SYSTEM_PROMPT), ChatTurn(role="user", content=query)]
-    return [ChatTurn(role="system", content=OCTOPUS_SYSTEM_PROMPT), ChatTurn(role="user", content=query)]
+def decide(node: RouterNode, raw: dict[str, float]) -> tuple[str, dict[str, float]]:
+    """One hop: softmax over this router's children only (the router model scores every
+    functional token, but only these are allowed), then the threshold sends a low-confidence
+    query to the router's fallback."""
+    top = max(raw.values())
+    if top == -math.inf:
+        probs = {child: 1.0 / len(raw) for child in raw}
+    else:
+        z = sum(math.exp(v - top) for v in raw.values())
+        probs = {child: math.exp(v - top) / z for child, v in raw.items()}
+    best = max(probs, key=lambda c: probs[c])
+    if probs[best] < node.threshold and node.fallback is not None:
+        best = node.fallback
+    return best, {k: round(v, 6) for k, v in probs.items()}
+
+
+def scored_routers(graph: GraphConfig, start: str) -> list[str]:
+    """`start` and the routers below it that read the same prompt on the same model: the
+    router prompt does not depend on the hop, so one forward pass scores all their tokens."""
+    first = graph.nodes[start]
+    assert isinstance(first, RouterNode)
+    out, stack = [], [start]
+    while stack:
+        nid = stack.pop()
+        node = graph.nodes[nid]
+        if (
+            isinstance(node, RouterNode)
+            and node.model == first.model
+            and node.prompt_format == first.prompt_format
+            and nid not in out
+        ):
+            out.append(nid)
+            stack.extend(reversed(node.children))
+    return out
 
 
 class Router:
@@ -65,11 +102,15 @@ class Router:
         t0 = time.perf_counter()
         result = RouteResult(node=start, route=[start])
         node_id = start
+        # child -> raw logprob of its token, filled by one score call for several hops.
+        scored: dict[str, float] = {}
         for _ in range(MAX_HOPS):
             node = self.graph.nodes.get(node_id)
             if not isinstance(node, RouterNode):
                 break
-            choice, probs = await self._hop(node_id, node, query, headers)
+            if not all(c in scored for c in node.children):
+                scored = await self._score(node_id, node, query, headers)
+            choice, probs = decide(node, {c: scored[c] for c in node.children})
             result.scores.append(probs)
             self.metrics.routing.labels(node_id, choice).inc()
             if node.reformat:
@@ -82,28 +123,31 @@ class Router:
         self.metrics.routing_latency.observe(result.seconds)
         return result
 
-    async def _hop(
+    async def _score(
         self, node_id: str, node: RouterNode, query: str, headers: dict[str, str]
-    ) -> tuple[str, dict[str, float]]:
+    ) -> dict[str, float]:
+        """Raw logprobs of the functional tokens of `node`'s children and of the children of
+        the routers below it that share its model and prompt: one /internal/score call."""
         pool = self.pools[node.model]
         info = pool.info()
         if info is None:
             raise Unavailable(f"router model '{node.model}' is not ready")
         ids: dict[str, int] = {}
-        for child in node.children:
-            name = token_name(self.tokens[child])
-            if name not in info.functional_tokens:
-                raise ServiceError(
-                    f"router model '{node.model}' has no token {name} for node '{child}'; "
-                    "rebuild it with `octograph router build`"
-                )
-            ids[child] = info.functional_tokens[name]
+        for rid in scored_routers(self.graph, node_id):
+            for child in self.graph.router_children(rid):
+                name = token_name(self.tokens[child])
+                if name not in info.functional_tokens:
+                    raise ServiceError(
+                        f"router model '{node.model}' has no token {name} for node '{child}'; "
+                        "rebuild it with `octograph router build`"
+                    )
+                ids[child] = info.functional_tokens[name]
         query_req = ScoreRequest(
             request_id=headers.get("x-request-id", "route"),
             queries=[
                 ScoreQuery(
                     messages=router_messages(query, node.prompt_format),
-                    token_ids=list(ids.values()),
+                    token_ids=sorted(set(ids.values())),
                 )
             ],
         )
@@ -114,15 +158,7 @@ class Router:
             pool.mark_failed(replica)
             response = await pool.pick().client.score(query_req, headers)
         lps = response.results[0].token_logprobs
-        # Only this router's children are allowed: renormalize over them.
-        raw = {child: lps.get(tid, -math.inf) for child, tid in ids.items()}
-        top = max(raw.values())
-        z = sum(math.exp(v - top) for v in raw.values())
-        probs = {child: math.exp(v - top) / z for child, v in raw.items()}
-        best = max(probs, key=lambda c: probs[c])
-        if probs[best] < node.threshold and node.fallback is not None:
-            best = node.fallback
-        return best, {k: round(v, 6) for k, v in probs.items()}
+        return {child: lps.get(tid, -math.inf) for child, tid in ids.items()}
 
     async def _reformat(
         self, node: RouterNode, query: str, choice: str, headers: dict[str, str]

@@ -49,7 +49,8 @@ class WorkerState:
             raise Overloaded("this worker is at capacity")
 
 
-def get_state(request: Request) -> WorkerState:
+async def get_state(request: Request) -> WorkerState:
+    # async: FastAPI runs a plain `def` dependency in a thread, a hand-off per request.
     state: WorkerState = request.app.state.worker
     return state
 

@@ -27,6 +27,7 @@ from service.protocol.internal import (
     ScoreResponse,
     WorkerInfo,
 )
+from service.worker.http11 import ConnectFailed, Http11Pool, ProtocolFailure, ReadTimeout
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -35,8 +36,11 @@ class WorkerUnreachable(Unavailable):
     """Connecting failed or the worker refused before answering: safe to retry elsewhere."""
 
 
+MAX_CONNECTIONS = 512  # per worker replica
+
+
 def make_http_client(
-    connect_s: float, read_s: float, max_connections: int = 512
+    connect_s: float, read_s: float, max_connections: int = MAX_CONNECTIONS
 ) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=connect_s, read=read_s, write=10.0, pool=connect_s),
@@ -50,23 +54,45 @@ def make_http_client(
     )
 
 
+_JSON = {"content-type": "application/json"}
+
+
+def _error_from_body(status: int, raw: bytes, reason: str = "") -> ServiceError:
+    try:
+        body = orjson.loads(raw)
+        err = body.get("error", {}) if isinstance(body, dict) else {}
+        message = str(err.get("message") or reason or f"worker answered {status}")
+        code = err.get("code")
+    except orjson.JSONDecodeError:
+        message, code = f"worker answered {status}", None
+    if status == 503:
+        return WorkerUnreachable(message)
+    return error_from_status(status, message, code)
+
+
 async def _error_from_response(response: httpx.Response) -> ServiceError:
     try:
-        body = orjson.loads(await response.aread())
-        err = body.get("error", {}) if isinstance(body, dict) else {}
-        message = str(err.get("message") or response.reason_phrase)
-        code = err.get("code")
-    except (orjson.JSONDecodeError, httpx.HTTPError):
-        message, code = f"worker answered {response.status_code}", None
-    if response.status_code == 503:
-        return WorkerUnreachable(message)
-    return error_from_status(response.status_code, message, code)
+        raw = await response.aread()
+    except httpx.HTTPError:
+        raw = b""
+    return _error_from_body(response.status_code, raw, response.reason_phrase)
 
 
 class WorkerClient:
-    def __init__(self, base_url: str, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self, base_url: str, http: httpx.AsyncClient, *, max_streams: int = MAX_CONNECTIONS
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = http
+        # The generate stream (the hot path) has its own lean keep-alive pool, with the shared
+        # client's timeouts (service/worker/http11.py says why).
+        timeout = http.timeout
+        self._streams = Http11Pool(
+            self.base_url,
+            connect_timeout_s=timeout.connect or 5.0,
+            read_timeout_s=timeout.read or 300.0,
+            max_connections=max_streams,
+        )
 
     def __repr__(self) -> str:
         return f"WorkerClient({self.base_url})"
@@ -75,34 +101,37 @@ class WorkerClient:
         self, request: GenerateRequest, headers: dict[str, str] | None = None
     ) -> AsyncIterator[GenerateEvent]:
         """Yields the worker's events. Raises WorkerUnreachable before the first event when the
-        worker cannot be reached (the caller may retry elsewhere), other ServiceErrors after."""
+        worker cannot be reached (the caller may retry elsewhere), other ServiceErrors after.
+        Closing this iterator early drops the connection: that is what aborts the worker."""
         body = request.model_dump_json(exclude_none=True).encode()
-        req = self._http.build_request(
-            "POST",
-            f"{self.base_url}/internal/generate",
-            content=body,
-            headers={"content-type": "application/json", **(headers or {})},
-        )
         try:
-            response = await self._http.send(req, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise WorkerUnreachable(
-                f"worker {self.base_url} unreachable: {type(exc).__name__}"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"worker request failed: {type(exc).__name__}") from None
+            response = await self._streams.post_stream(
+                "/internal/generate", body, {**_JSON, **(headers or {})}
+            )
+        except ConnectFailed as exc:
+            raise WorkerUnreachable(f"worker {self.base_url} unreachable: {exc}") from None
+        except ReadTimeout:
+            raise DeadlineExceeded(f"worker {self.base_url} did not answer in time") from None
+        except ProtocolFailure as exc:
+            raise UpstreamError(f"worker request failed: {exc}") from None
         try:
-            if response.status_code != 200:
-                raise await _error_from_response(response)
-            async for line in response.aiter_lines():
-                if line:
-                    yield orjson.loads(line)
-        except httpx.ReadTimeout:
+            if response.status != 200:
+                raise _error_from_body(response.status, await response.read())
+            loads = orjson.loads
+            while lines := await response.next_lines():
+                for line in lines:
+                    yield loads(line)
+        except ReadTimeout:
             raise DeadlineExceeded("the worker stopped sending tokens (read timeout)") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"the worker stream broke: {type(exc).__name__}") from None
+        except ProtocolFailure as exc:
+            raise UpstreamError(f"the worker stream broke: {exc}") from None
+        except orjson.JSONDecodeError:
+            raise UpstreamError("the worker sent a malformed event") from None
         finally:
-            await response.aclose()
+            response.close()
+
+    async def aclose(self) -> None:
+        await self._streams.aclose()
 
     async def _post(
         self, path: str, request: BaseModel, out: type[T], headers: dict[str, str] | None = None

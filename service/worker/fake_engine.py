@@ -213,8 +213,78 @@ class FakeEngine:
         return ScoreResponse(results=results)
 
     async def byte_dist(self, request: ByteDistRequest) -> ByteDistResponse:
-        uniform = [-math.log(257)] * 257
-        return ByteDistResponse(results=[ByteDistResult(cont_lp=uniform) for _ in request.queries])
+        results = []
+        for i, q in enumerate(request.queries):
+            try:
+                partial = bytes.fromhex(q.partial)
+            except ValueError:
+                raise BadRequest("partial must be hex", param=f"queries.{i}.partial") from None
+            results.append(fake_byte_dist(partial))
+        return ByteDistResponse(results=results)
+
+
+# The fake's byte-level model, for /internal/byte-dist: a tiny fixed vocabulary (FAKE_BYTE_TOKENS,
+# indexed by token id; id 0 is the stop token) with one fixed next-token distribution for every
+# path, so that gateway tests can work out the expected next-byte distributions by hand. Only
+# printable ASCII and "\n" have mass as single bytes; "é" (C3 A9) exists only as a two-byte
+# token, which makes `partial = "c3"` a real mid-token query.
+FAKE_BYTE_STOP_ID = 0
+FAKE_BYTE_TOKENS: tuple[bytes, ...] = (
+    (b"",)
+    + tuple(bytes([b]) for b in range(256))
+    + (b" the", b"the", b"ing", b" a", "é".encode(), b"\n\n")
+)
+
+
+def _fake_byte_score(token_id: int, data: bytes) -> float:
+    if token_id == FAKE_BYTE_STOP_ID:
+        return 0.0
+    if len(data) > 1:
+        return 1.0
+    c = data[0]
+    if c == 0x20:
+        return 2.0
+    if c in b"et":
+        return 1.5
+    if 0x61 <= c <= 0x7A:
+        return 1.0
+    if 0x21 <= c <= 0x7E or c == 0x0A:
+        return 0.0
+    return -math.inf  # other control bytes and lone non-ASCII bytes: never
+
+
+def fake_byte_logprobs() -> list[float]:
+    """The fake's next-token log-probabilities (natural log), indexed by FAKE_BYTE_TOKENS id."""
+    scores = [_fake_byte_score(i, t) for i, t in enumerate(FAKE_BYTE_TOKENS)]
+    norm = math.log(math.fsum(math.exp(s) for s in scores))
+    return [s - norm for s in scores]
+
+
+def _logsumexp(values: list[float]) -> float:
+    top = max(values, default=-math.inf)
+    if top == -math.inf:
+        return -math.inf
+    return top + math.log(math.fsum(math.exp(v - top) for v in values))
+
+
+def fake_byte_dist(partial: bytes) -> ByteDistResult:
+    """What the fake worker answers for `partial` (any path): the same reduction a real worker
+    computes, by brute force over FAKE_BYTE_TOKENS."""
+    lps = fake_byte_logprobs()
+    buckets: list[list[float]] = [[] for _ in range(257)]
+    exact: dict[int, list[float]] = {}
+    k = len(partial)
+    for token_id, data in enumerate(FAKE_BYTE_TOKENS):
+        if token_id == FAKE_BYTE_STOP_ID:
+            if not partial:
+                buckets[256].append(lps[token_id])
+            continue
+        if len(data) <= k or not data.startswith(partial):
+            continue
+        buckets[data[k]].append(lps[token_id])
+        if len(data) == k + 1 and lps[token_id] > -math.inf:
+            exact[data[k]] = [float(token_id), lps[token_id]]
+    return ByteDistResult(cont_lp=[_logsumexp(b) for b in buckets], exact=exact)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

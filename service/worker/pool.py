@@ -10,26 +10,48 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol
 
 import httpx
+from typing_extensions import TypeVar  # a TypeVar default (PEP 696) on Python 3.11
 
 from service.errors import Unavailable
 from service.observability.metrics import GatewayMetrics
 from service.protocol.internal import WorkerInfo
+from service.remote.client import UpstreamClient
 from service.worker.client import WorkerClient
 
 log = logging.getLogger(__name__)
 
 
+class ReplicaClient(Protocol):
+    """What health checking needs from a replica's client: a worker's, or an OpenAI-compatible
+    upstream's (service/remote/client.py)."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    async def ready(self, timeout_s: float = 2.0) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+# Bare `ModelPool` / `Replica` mean a pool of Octograph workers (most code); upstream pools
+# are `ModelPool[UpstreamClient]`.
+C = TypeVar("C", bound=ReplicaClient, default=WorkerClient)
+
+
 @dataclass
-class Replica:
-    client: WorkerClient
+class Replica(Generic[C]):
+    client: C
     healthy: bool = False
     cooldown_until: float = 0.0
     inflight: int = 0
     info: WorkerInfo | None = None
     failures: int = 0
+    failed_probes: int = 0  # consecutive
 
     @property
     def url(self) -> str:
@@ -40,13 +62,13 @@ class Replica:
 
 
 @dataclass
-class ModelPool:
+class ModelPool(Generic[C]):
     name: str
-    replicas: list[Replica]
+    replicas: list[Replica[C]]
     cooldown_s: float
     _rr: int = field(default=0)
 
-    def pick(self, exclude: set[str] | None = None) -> Replica:
+    def pick(self, exclude: set[str] | None = None) -> Replica[C]:
         """Least-loaded available replica; round-robin among equals."""
         now = time.monotonic()
         candidates = [
@@ -59,7 +81,7 @@ class ModelPool:
         tied = [r for r in candidates if r.inflight == least]
         return tied[self._rr % len(tied)]
 
-    def mark_failed(self, replica: Replica) -> None:
+    def mark_failed(self, replica: Replica[C]) -> None:
         replica.failures += 1
         replica.healthy = False
         replica.cooldown_until = time.monotonic() + self.cooldown_s
@@ -73,6 +95,12 @@ class ModelPool:
         return next((r.info for r in self.replicas if r.info is not None), None)
 
 
+# A busy machine can miss one probe; a replica is marked down by probes only after a run of
+# failures (a failed request marks it down at once: that is proof, a slow probe is not).
+PROBE_TIMEOUT_S = 2.0
+PROBES_TO_MARK_DOWN = 3
+
+
 class WorkerPools:
     def __init__(
         self,
@@ -82,32 +110,40 @@ class WorkerPools:
         *,
         health_interval_s: float,
         cooldown_s: float,
+        upstreams: Mapping[str, Sequence[UpstreamClient]] | None = None,
     ) -> None:
-        self.pools = {
+        self.workers: dict[str, ModelPool[WorkerClient]] = {
             name: ModelPool(name, [Replica(WorkerClient(u, http)) for u in us], cooldown_s)
             for name, us in urls.items()
         }
+        # Models on OpenAI-compatible upstreams: same health, cooldown and replica choice.
+        self.upstreams: dict[str, ModelPool[UpstreamClient]] = {
+            name: ModelPool(name, [Replica(c) for c in clients], cooldown_s)
+            for name, clients in (upstreams or {}).items()
+        }
+        self.pools: dict[str, ModelPool[Any]] = {**self.workers, **self.upstreams}
         self._metrics = metrics
         self._interval = health_interval_s
         self._task: asyncio.Task[None] | None = None
 
-    def __getitem__(self, model: str) -> ModelPool:
-        return self.pools[model]
+    def __getitem__(self, model: str) -> ModelPool[WorkerClient]:
+        return self.workers[model]
 
     @property
     def all_ready(self) -> bool:
         return all(p.ready for p in self.pools.values())
 
     async def probe_once(self) -> None:
-        async def probe(pool: ModelPool, replica: Replica) -> None:
-            ok = await replica.client.ready(timeout_s=min(2.0, self._interval))
-            if ok and replica.info is None:
+        async def probe(pool: ModelPool[Any], replica: Replica[Any]) -> None:
+            ok = await replica.client.ready(timeout_s=PROBE_TIMEOUT_S)
+            replica.failed_probes = 0 if ok else replica.failed_probes + 1
+            if ok and replica.info is None and isinstance(replica.client, WorkerClient):
                 with contextlib.suppress(Exception):
                     replica.info = await replica.client.info()
             if ok and not replica.healthy and time.monotonic() >= replica.cooldown_until:
                 log.info("replica up", extra={"model": pool.name, "replica": replica.url})
                 replica.healthy = True
-            elif not ok and replica.healthy:
+            elif replica.healthy and replica.failed_probes >= PROBES_TO_MARK_DOWN:
                 pool.mark_failed(replica)
             self._metrics.worker_up.labels(pool.name, replica.url).set(1 if replica.healthy else 0)
 
@@ -129,3 +165,6 @@ class WorkerPools:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for pool in self.pools.values():
+            for replica in pool.replicas:
+                await replica.client.aclose()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import WorkerSettings
-from service.errors import BadRequest, NotImplementedFeature, Unavailable
+from service.errors import BadRequest, DeadlineExceeded, Overloaded, Unavailable
 from service.protocol.internal import (
     ByteDistRequest,
     ByteDistResponse,
@@ -25,6 +25,7 @@ from service.protocol.internal import (
     TokenLogprobEvent,
     WorkerInfo,
 )
+from service.worker.byte_dist import ByteDistScorer
 from service.worker.engine import PreparedPrompt
 from service.worker.prompts import check_context, prompt_token_ids
 
@@ -53,7 +54,10 @@ class VLLMEngine:
         self._tokenizer: Any = None
         self._info: WorkerInfo | None = None
         self._running: set[str] = set()
-        self._capture: Any = None
+        self._capture: Any = None  # capture.CaptureChannel when byte-level scoring is on
+        # Byte-level scoring: the table loads in the background (Gemma-3's first build parses a
+        # 33 MB tokenizer.json); byte_dist waits for it, generation never does.
+        self._byte_scorer_task: asyncio.Task[ByteDistScorer] | None = None
 
     @property
     def ready(self) -> bool:
@@ -67,19 +71,10 @@ class VLLMEngine:
     def num_running(self) -> int:
         return len(self._running)
 
-    async def start(self) -> None:
-        configure_cpu_environment(self._settings)
+    def _engine_args(self, logits_processors: list[Any]) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
 
-        capture_kwargs: dict[str, Any] = {}
-        if self._settings.enable_capture:
-            from service.worker import capture
-
-            self._capture = capture.CaptureChannel()
-            self._capture.start()
-            capture_kwargs["logits_processors"] = [capture.LOGITS_PROCESSOR_FQCN]
-        args = AsyncEngineArgs(
+        return AsyncEngineArgs(
             model=str(self._model_dir),
             served_model_name=[self._served_name],
             max_model_len=self._settings.max_model_len,
@@ -87,12 +82,53 @@ class VLLMEngine:
             dtype=self._settings.dtype,  # type: ignore[arg-type]
             max_logprobs=20,
             enable_prefix_caching=True,
+            block_size=self._settings.block_size,
             disable_log_stats=False,
-            **capture_kwargs,
+            logits_processors=logits_processors or None,
         )
+
+    def _start_capture_channel(self) -> list[Any]:
+        """The logits processors to load; [] (capture off) when the channel cannot start."""
+        if not self._settings.enable_capture:
+            return []
+        from service.worker import capture
+
+        channel = capture.CaptureChannel()
+        try:
+            channel.start()
+        except OSError as exc:  # e.g. no writable temp dir: generation must not depend on it
+            log.warning("capture channel failed to start; byte-level scoring is off: %s", exc)
+            channel.close()
+            return []
+        self._capture = channel
+        return [capture.LOGITS_PROCESSOR_FQCN]
+
+    def _stop_capture_channel(self) -> None:
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
+
+    async def start(self) -> None:
+        configure_cpu_environment(self._settings)
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        processors = self._start_capture_channel()
         # Building the engine loads weights in the engine-core child (seconds to minutes) and
         # blocks while it does: off the event loop, so /livez keeps answering meanwhile.
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        try:
+            self._llm = await asyncio.to_thread(
+                AsyncLLM.from_engine_args, self._engine_args(processors)
+            )
+        except Exception:
+            if not processors:
+                raise
+            # Ordinary generation must never depend on capture: start again without it.
+            log.exception("engine failed to start with the capture processor; retrying without")
+            self._stop_capture_channel()
+            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args([]))
+        if self._capture is not None:
+            self._byte_scorer_task = asyncio.create_task(self._load_byte_scorer())
+            self._byte_scorer_task.add_done_callback(_log_byte_scorer_failure)
         self._tokenizer = self._llm.get_tokenizer()
         tok = self._tokenizer
         eos = tok.eos_token_id
@@ -116,11 +152,12 @@ class VLLMEngine:
         log.info("engine ready", extra={"model": self._served_name})
 
     async def shutdown(self) -> None:
+        if self._byte_scorer_task is not None:
+            self._byte_scorer_task.cancel()
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
-        if self._capture is not None:
-            self._capture.close()
+        self._stop_capture_channel()
 
     def _require(self) -> Any:
         if self._llm is None:
@@ -268,8 +305,77 @@ class VLLMEngine:
         logprobs = final.outputs[0].logprobs
         return dict(logprobs[0]) if logprobs else {}
 
+    async def _load_byte_scorer(self) -> ByteDistScorer:
+        from service.ensemble.byte_tables import TokenByteTable
+        from service.worker import capture
+
+        llm, channel = self._require(), self._capture
+        sizes = capture.vocab_sizes(llm)
+        table = await asyncio.to_thread(
+            TokenByteTable.from_tokenizer_file, self._model_dir / "tokenizer.json"
+        )
+        if table.vocab_size > sizes.tokenizer:
+            raise ValueError(
+                f"byte table has {table.vocab_size} ids, the tokenizer {sizes.tokenizer}"
+            )
+        timeout_s = self._settings.byte_dist_timeout_s
+
+        async def fetch(prefixes: list[list[int]]) -> list[Any]:
+            return await capture.full_distributions(llm, channel, prefixes, timeout_s=timeout_s)
+
+        log.info(
+            "byte-level scoring ready",
+            extra={"model": self._served_name, "vocab": table.vocab_size},
+        )
+        return ByteDistScorer(
+            table,
+            fetch,
+            token_id_limit=min(sizes.tokenizer, sizes.model),
+            max_model_len=self._settings.max_model_len,
+            cache_bytes=self._settings.byte_dist_cache_mib << 20,
+        )
+
+    async def _byte_scorer(self) -> ByteDistScorer:
+        self._require()
+        task = self._byte_scorer_task
+        if task is None:
+            raise Unavailable("byte-level scoring is off on this worker (capture disabled)")
+        try:
+            # shield: a client giving up must not cancel the shared load.
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise Unavailable("byte-level scoring is shutting down") from None
+            raise
+        except Exception as exc:
+            raise Unavailable(f"byte-level scoring failed to load: {type(exc).__name__}") from None
+
     async def byte_dist(self, request: ByteDistRequest) -> ByteDistResponse:
-        raise NotImplementedFeature("byte-level scoring is not enabled on this worker")
+        from service.worker.capture import CaptureBusyError, CaptureError
+
+        scorer = await self._byte_scorer()
+        try:
+            return await scorer.score(request)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"byte-level scoring took longer than {self._settings.byte_dist_timeout_s:g}s"
+            ) from None
+        except CaptureBusyError:
+            raise Overloaded("too many byte-level queries in flight on this worker") from None
+        except CaptureError as exc:
+            raise Unavailable(f"full-distribution capture failed: {exc}") from None
+        except ValueError as exc:  # vLLM's own validation (our checks should come first)
+            raise BadRequest(str(exc)) from None
+        except Exception as exc:
+            if type(exc).__name__ == "EngineDeadError":
+                raise Unavailable("the engine stopped; this worker must be restarted") from None
+            raise
+
+
+def _log_byte_scorer_failure(task: asyncio.Task[ByteDistScorer]) -> None:
+    # Logged once here (and retrieved, so asyncio does not warn); byte_dist answers 503.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("byte-level scoring failed to load: %r", task.exception())
 
 
 async def _translated(outputs: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -66,9 +66,12 @@ async def test_stream_disconnect_aborts_worker_and_frees_slot(make_stack):
     engine = stack.engine("alpha")
     engine.token_delay_s = 0.05
     engine.reply_words = 1000
-    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as client, client.stream(
-        "POST", "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 200}
-    ) as r:
+    async with (
+        httpx.AsyncClient(base_url=stack.url, timeout=10) as client,
+        client.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 200}
+        ) as r,
+    ):
         async for _ in r.aiter_lines():
             break  # first chunk arrived; now the client goes away
     closed_at = time.monotonic()

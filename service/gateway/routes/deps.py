@@ -1,4 +1,8 @@
-"""Dependency aliases shared by the routes."""
+"""Dependency aliases shared by the routes.
+
+The dependencies are `async def` on purpose: FastAPI runs a plain `def` dependency in a worker
+thread (anyio.to_thread), a thread hand-off per dependency per request that cost the gateway
+about as much as everything else together (bench/gateway_overhead.py). They never block."""
 
 from __future__ import annotations
 
@@ -13,17 +17,21 @@ if TYPE_CHECKING:
     from service.gateway.app import GatewayState
 
 
-def get_state(request: Request) -> GatewayState:
+def _state(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
 
 
-def get_pipeline(request: Request) -> Pipeline:
-    return get_state(request).pipeline
+async def get_state(request: Request) -> GatewayState:
+    return _state(request)
 
 
-def get_context(request: Request) -> RequestContext:
-    settings = get_state(request).settings
+async def get_pipeline(request: Request) -> Pipeline:
+    return _state(request).pipeline
+
+
+async def get_context(request: Request) -> RequestContext:
+    settings = _state(request).settings
     rid = request.scope.get("state", {}).get("request_id") or "req"
     return RequestContext(request_id=rid, deadline=time.monotonic() + settings.request_timeout_s)
 

@@ -1,0 +1,188 @@
+"""Routing latency and accuracy on the real path: POST /v1/route -> gateway -> router worker
+(vLLM on the built router model) -> one /internal/score call per route.
+
+    .venv/bin/python bench/routing_latency.py                       # starts worker + gateway
+    .venv/bin/python bench/routing_latency.py --gateway http://127.0.0.1:8000   # a running one
+    .venv/bin/python bench/routing_latency.py --router-url http://127.0.0.1:PORT  # a worker
+
+Started mode: one vLLM worker on the graph's router model (built first if missing, as
+`octograph up` does) and a gateway process whose graph is the default one with every model
+pointed at that worker (/v1/route never generates, so the leaves need no engines of their own).
+
+Sequential requests (one client, keep-alive), after a warm-up. Prints p50/p90/p99 of the time
+the client sees and of the gateway's own `latency_ms`, leaf accuracy, and writes
+bench/results/routing_latency.json. Target (issue 3): p50 <= 40 ms on the 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.router.eval import latency_percentiles  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+
+
+def load_rows(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def start_worker(config: Path, log_dir: Path) -> Any:
+    """One vLLM worker on the graph's router model (built first when missing)."""
+    from service.embedded import model_dirs, start_workers, stop_workers, wait_ready
+    from service.router.graph import RouterNode, load_graph
+
+    graph = load_graph(config)
+    router_models = sorted({n.model for n in graph.nodes.values() if isinstance(n, RouterNode)})
+    if len(router_models) != 1:
+        raise SystemExit(f"expected one router model, found {router_models}")
+    name = router_models[0]
+    only = graph.model_copy(update={"models": {name: graph.models[name]}, "nodes": {}})
+    dirs = model_dirs(only, config)
+    t0 = time.monotonic()
+    workers = start_workers(only, {name: dirs[name]}, log_dir)
+    try:
+        wait_ready(workers, timeout_s=900)
+    except BaseException:
+        stop_workers(workers)
+        raise
+    print(f"router worker ready in {time.monotonic() - t0:.0f}s ({workers[0].url})")
+    return workers
+
+
+def start_gateway(config: Path, log_dir: Path, router_url: str) -> tuple[Any, str]:
+    from service.embedded import free_port
+
+    raw = yaml.safe_load(config.read_text())
+    raw["models"] = {m: {"urls": [router_url]} for m in raw["models"]}
+    cfg = log_dir / "graph.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    port = free_port()
+    gw = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "gateway", "--config", str(cfg), "--port", str(port)],
+        cwd=REPO,
+        stdout=open(log_dir / "gateway.log", "wb"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=dict(os.environ),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if gw.poll() is not None:
+            raise RuntimeError((log_dir / "gateway.log").read_text())
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=1, trust_env=False).status_code == 200:
+                return gw, url
+        time.sleep(0.2)
+    raise RuntimeError("gateway not ready:\n" + (log_dir / "gateway.log").read_text())
+
+
+def measure(url: str, rows: list[dict[str, str]], warmup: int) -> dict[str, Any]:
+    client_s: list[float] = []
+    server_s: list[float] = []
+    right = 0
+    errors = []
+    failed: list[str] = []
+    with httpx.Client(base_url=url, timeout=30, trust_env=False) as client:
+        for row in rows[:warmup]:
+            client.post("/v1/route", json={"prompt": row["query"]})
+        for row in rows:
+            body = {"model": "auto", "messages": [{"role": "user", "content": row["query"]}]}
+            t0 = time.perf_counter()
+            resp = client.post("/v1/route", json=body)
+            dt = time.perf_counter() - t0
+            if resp.status_code != 200:
+                # On an overloaded machine a health probe can time out and take the worker
+                # out for a moment: count it, wait, go on (the figures say how many).
+                failed.append(f"{resp.status_code} {resp.text[:120]}")
+                time.sleep(1.0)
+                continue
+            client_s.append(dt)
+            data = resp.json()
+            server_s.append(float(data["latency_ms"]) / 1000)
+            if data["node"] == row["node"]:
+                right += 1
+            else:
+                errors.append([row["query"], row["node"], resp.headers["x-octograph-route"]])
+    answered = len(client_s)
+    return {
+        "queries": len(rows),
+        "answered": answered,
+        "failed": failed,
+        "accuracy": round(right / max(1, answered), 4),
+        "client_ms": latency_percentiles(client_s),
+        "gateway_routing_ms": latency_percentiles(server_s),
+        "errors": errors,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=REPO / "configs/local.yaml")
+    ap.add_argument("--data", type=Path, default=REPO / "configs/routing/eval.jsonl")
+    ap.add_argument("--gateway", help="use a running gateway instead of starting one")
+    ap.add_argument("--router-url", help="use a running router worker; start only the gateway")
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--limit", type=int, help="only the first N queries")
+    args = ap.parse_args()
+    rows = load_rows(args.data)[: args.limit]
+    workers: list[Any] = []
+    gw: subprocess.Popen[bytes] | None = None
+    try:
+        if args.gateway:
+            url = args.gateway
+        else:
+            log_dir = Path(tempfile.mkdtemp(prefix="octograph-bench-route-"))
+            router_url = args.router_url
+            if router_url is None:
+                workers = start_worker(args.config, log_dir)
+                router_url = workers[0].url
+            gw, url = start_gateway(args.config, log_dir, router_url)
+        result = measure(url, rows, args.warmup)
+    finally:
+        if gw is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(gw.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                gw.wait(timeout=20)
+        if workers:
+            from service.embedded import stop_workers
+
+            stop_workers(workers)
+    c, s = result["client_ms"], result["gateway_routing_ms"]
+    print(
+        f"POST /v1/route over {result['answered']}/{result['queries']} queries "
+        f"(sequential, after warm-up; load average {os.getloadavg()[0]:.1f}):"
+    )
+    print(f"  client   p50 {c['p50']:.1f} ms  p90 {c['p90']:.1f} ms  p99 {c['p99']:.1f} ms")
+    print(f"  routing  p50 {s['p50']:.1f} ms  p90 {s['p90']:.1f} ms  p99 {s['p99']:.1f} ms")
+    print(f"  leaf accuracy {result['accuracy']:.1%}  (target p50 <= 40 ms, accuracy >= 90%)")
+    for failure in result["failed"]:
+        print(f"  failed: {failure}")
+    for q, want, got in result["errors"]:
+        print(f"  miss: {want:10s} -> {got:24s} {q}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result["load_average"] = os.getloadavg()
+    (RESULTS / "routing_latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

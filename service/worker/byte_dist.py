@@ -1,0 +1,260 @@
+"""`/internal/byte-dist` next to the model: byte-bucketed reductions of full next-token
+distributions (research/byte-level.md §4; the reduction itself is service.ensemble.reduction).
+
+A request carries queries (token path, partial bytes). Each distinct path needs one full
+next-token distribution, fetched through ``fetch`` (in the vLLM worker: one ``max_tokens=1``
+capture request per path, all in flight together, see service.worker.capture). The
+distribution is gathered into the byte table's sorted order once (`reduction.Prepared`) and
+kept in an LRU bounded in bytes, so the covering tree's usual pattern, the same path asked
+again byte after byte with a growing partial, costs a slice of that array and no forward.
+Concurrent requests for a path already being fetched wait for that fetch instead of starting
+another one.
+
+The reductions (a pass over the vocabulary for `partial == ""`: 262k values for Gemma-3) run
+in a worker thread, one hand-off per request, so the event loop keeps streaming tokens for
+ordinary generation meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from service.ensemble.byte_tables import TokenByteTable
+from service.ensemble.reduction import Prepared, reduce_prepared
+from service.errors import BadRequest, ContextLengthExceeded, Unavailable
+from service.protocol.internal import ByteDistRequest, ByteDistResponse, ByteDistResult
+
+Path = tuple[int, ...]
+Float32Array = npt.NDArray[np.float32]
+# Full next-token log-probabilities (float32, indexed by token id) for each prefix, in order.
+FetchDistributions = Callable[[list[list[int]]], Awaitable[list[Float32Array]]]
+
+# include_logprobs ships whole vectors (~1 MB each for Gemma-3): a debugging aid, kept small.
+MAX_QUERIES_WITH_LOGPROBS = 8
+
+
+@dataclass(frozen=True)
+class ParsedQuery:
+    path: Path
+    partial: bytes
+
+
+@dataclass
+class ByteDistStats:
+    queries: int = 0
+    forwards: int = 0  # distinct paths fetched from the model: the cost that matters
+    cache_hits: int = 0
+    shared_fetches: int = 0  # paths another request was already fetching
+
+
+class PreparedCache:
+    """LRU of prepared paths, bounded by the bytes of their float64 arrays (a Gemma-3 path is
+    2 MiB) and by count."""
+
+    def __init__(self, max_bytes: int, max_entries: int = 65536) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._items: OrderedDict[Path, Prepared] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, path: Path) -> Prepared | None:
+        prepared = self._items.get(path)
+        if prepared is not None:
+            self._items.move_to_end(path)
+        return prepared
+
+    def put(self, path: Path, prepared: Prepared) -> None:
+        old = self._items.pop(path, None)
+        if old is not None:
+            self.bytes -= old.sorted_lp.nbytes
+        self._items[path] = prepared
+        self.bytes += prepared.sorted_lp.nbytes
+        while self._items and (self.bytes > self.max_bytes or len(self._items) > self.max_entries):
+            _, evicted = self._items.popitem(last=False)
+            self.bytes -= evicted.sorted_lp.nbytes
+
+
+class ByteDistScorer:
+    """Answers ByteDistRequests for one model (its byte table and its distribution source)."""
+
+    def __init__(
+        self,
+        table: TokenByteTable,
+        fetch: FetchDistributions,
+        *,
+        token_id_limit: int,
+        max_model_len: int,
+        cache_bytes: int = 256 << 20,
+    ) -> None:
+        self.table = table
+        self._fetch = fetch
+        self.token_id_limit = token_id_limit  # ids the model can take as input: [0, limit)
+        self.max_model_len = max_model_len
+        self.cache = PreparedCache(cache_bytes)
+        self.stats = ByteDistStats()
+        self._inflight: dict[Path, asyncio.Future[Prepared]] = {}
+
+    # -- validation -----------------------------------------------------------------------------
+    def parse(self, request: ByteDistRequest) -> list[ParsedQuery]:
+        if request.include_logprobs and len(request.queries) > MAX_QUERIES_WITH_LOGPROBS:
+            raise BadRequest(
+                f"include_logprobs allows at most {MAX_QUERIES_WITH_LOGPROBS} queries",
+                param="include_logprobs",
+            )
+        parsed = []
+        for i, q in enumerate(request.queries):
+            if not q.token_ids:
+                raise BadRequest("a query needs at least one token id", param=f"queries.{i}")
+            # The capture request generates one token: the path needs room for it.
+            if len(q.token_ids) >= self.max_model_len:
+                raise ContextLengthExceeded(
+                    f"query {i} has {len(q.token_ids)} tokens; this model's context is "
+                    f"{self.max_model_len} tokens",
+                    param=f"queries.{i}.token_ids",
+                )
+            low, high = min(q.token_ids), max(q.token_ids)
+            if low < 0 or high >= self.token_id_limit:
+                raise BadRequest(
+                    f"query {i}: token ids must be in [0, {self.token_id_limit})",
+                    param=f"queries.{i}.token_ids",
+                )
+            try:
+                partial = bytes.fromhex(q.partial)
+            except ValueError:
+                raise BadRequest(
+                    f"query {i}: partial must be hex", param=f"queries.{i}.partial"
+                ) from None
+            parsed.append(ParsedQuery(tuple(q.token_ids), partial))
+        return parsed
+
+    # -- scoring --------------------------------------------------------------------------------
+    async def score(self, request: ByteDistRequest) -> ByteDistResponse:
+        queries = self.parse(request)
+        self.stats.queries += len(queries)
+        paths = list(dict.fromkeys(q.path for q in queries))
+        if request.include_logprobs:
+            # Fresh rows, so the returned vectors are exactly what was reduced.
+            rows = await self._fetch([list(p) for p in paths])
+            self.stats.forwards += len(paths)
+            by_path = dict(zip(paths, rows, strict=True))
+            results, prepared = await asyncio.to_thread(self._reduce_fresh, queries, by_path)
+            for path, prep in prepared.items():
+                self.cache.put(path, prep)
+            return ByteDistResponse(results=results)
+        preps = await self._prepared(paths)
+        results = await asyncio.to_thread(self._reduce_all, queries, preps)
+        return ByteDistResponse(results=results)
+
+    async def _prepared(self, paths: Sequence[Path]) -> dict[Path, Prepared]:
+        found: dict[Path, Prepared] = {}
+        waiting: dict[Path, asyncio.Future[Prepared]] = {}
+        missing: list[Path] = []
+        for path in paths:
+            cached = self.cache.get(path)
+            if cached is not None:
+                found[path] = cached
+                self.stats.cache_hits += 1
+            elif path in self._inflight:
+                waiting[path] = self._inflight[path]
+                self.stats.shared_fetches += 1
+            else:
+                missing.append(path)
+        if missing:
+            loop = asyncio.get_running_loop()
+            futures = {path: loop.create_future() for path in missing}
+            for path, fut in futures.items():
+                # A failure nobody else awaited must not be logged as "never retrieved".
+                fut.add_done_callback(_consume_exception)
+                self._inflight[path] = fut
+            try:
+                rows = await self._fetch([list(p) for p in missing])
+                self.stats.forwards += len(missing)
+                fresh = await asyncio.to_thread(self._prepare_rows, missing, rows)
+            except BaseException as exc:
+                for fut in futures.values():
+                    if not fut.done():
+                        fut.set_exception(
+                            exc
+                            if isinstance(exc, Exception)
+                            else Unavailable("the request fetching this path was cancelled; retry")
+                        )
+                raise
+            finally:
+                for path in missing:
+                    self._inflight.pop(path, None)
+            for path, prep in fresh.items():
+                self.cache.put(path, prep)
+                futures[path].set_result(prep)
+                found[path] = prep
+        for path, fut in waiting.items():
+            # shield: this request giving up must not cancel the fetch another one owns.
+            found[path] = await asyncio.shield(fut)
+        return found
+
+    def _prepare_rows(
+        self, paths: Sequence[Path], rows: Sequence[Float32Array]
+    ) -> dict[Path, Prepared]:
+        return {
+            path: Prepared(self.table, normalised_logprobs(row))
+            for path, row in zip(paths, rows, strict=True)
+        }
+
+    def _reduce_all(
+        self, queries: Sequence[ParsedQuery], preps: dict[Path, Prepared]
+    ) -> list[ByteDistResult]:
+        return [self._result(preps[q.path], q.partial) for q in queries]
+
+    def _reduce_fresh(
+        self, queries: Sequence[ParsedQuery], rows: dict[Path, Float32Array]
+    ) -> tuple[list[ByteDistResult], dict[Path, Prepared]]:
+        preps = self._prepare_rows(list(rows), list(rows.values()))
+        results = []
+        for q in queries:
+            result = self._result(preps[q.path], q.partial)
+            # As captured (float32); the reduction used normalised_logprobs(row).
+            row = np.ascontiguousarray(rows[q.path], dtype="<f4")
+            result.logprobs = base64.b64encode(row.tobytes()).decode("ascii")
+            results.append(result)
+        return results, preps
+
+    def _result(self, prepared: Prepared, partial: bytes) -> ByteDistResult:
+        reduction = reduce_prepared(self.table, prepared, partial)
+        exact: dict[int, list[float]] = {}
+        for c in np.flatnonzero(reduction.exact_lp > -math.inf).tolist():
+            token_id = self.table.exact_id(partial + bytes([c]))
+            if token_id is not None:
+                exact[c] = [float(token_id), float(reduction.exact_lp[c])]
+        return ByteDistResult(cont_lp=reduction.cont_lp.tolist(), exact=exact)
+
+
+def normalised_logprobs(row: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    """``row`` in float64, shifted so that its probabilities sum to 1 in float64.
+
+    The engine's float32 log_softmax sums to 1 only to a few 1e-6 (each entry is rounded);
+    the byte mixture downstream wants a distribution that does not leak or gain mass. The shift
+    is that rounding, far below the engine's own bf16/float32 noise.
+    """
+    lp = row.astype(np.float64)
+    top = float(lp.max())
+    return lp - (top + math.log(float(np.exp(lp - top).sum())))
+
+
+def decode_logprobs(encoded: str) -> Float32Array:
+    """The inverse of ByteDistResult.logprobs' encoding."""
+    return np.frombuffer(base64.b64decode(encoded), dtype="<f4").astype(np.float32)
+
+
+def _consume_exception(fut: asyncio.Future[Prepared]) -> None:
+    if not fut.cancelled():
+        fut.exception()

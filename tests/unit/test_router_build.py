@@ -1,0 +1,177 @@
+"""`octograph router build` on a tiny random Llama (SmolLM2's tokenizer and chat template, a
+2-layer 32-wide backbone): the recipe, the output directory, determinism and idempotence,
+in seconds. The real model's accuracy is measured by `octograph router eval`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.models import packaged
+from service.router.build import (
+    STAMP_NAME,
+    BuildOptions,
+    RouterBuildError,
+    _common_prefix,
+    build_router,
+    child_towards,
+    load_examples,
+    resolve_data,
+)
+from service.router.graph import parse_graph
+from service.router.prompt import OCTOGRAPH_SYSTEM_PROMPT, router_messages, router_prompt_ids
+
+GRAPH = """
+models:
+  base: {urls: ["http://127.0.0.1:1"]}
+  router: {path: router, build: {base: tiny, train: train.jsonl}}
+root: root
+nodes:
+  root: {kind: router, model: router, children: [math, sci, chat], fallback: chat}
+  sci: {kind: router, model: router, children: [physics, biology]}
+  math: {kind: model, model: base, description: numbers and equations, examples: [what is 2+2]}
+  physics: {kind: model, model: base, description: "forces, energy and motion"}
+  biology: {kind: model, model: base, description: cells and living things}
+  chat: {kind: model, model: base, description: greetings and small talk}
+"""
+
+ROWS = [
+    ("solve x + 3 = 5", "math"),
+    ("what is 12 times 7", "math"),
+    ("why do objects fall", "physics"),
+    ("what is kinetic energy", "physics"),
+    ("how do cells divide", "biology"),
+    ("what is DNA", "biology"),
+    ("hello, how are you", "chat"),
+    ("tell me a joke", "chat"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not packaged.is_prepared("smollm2"):
+        pytest.skip("packaged smollm2 (its tokenizer) is not prepared")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    src = packaged.model_dir("smollm2")
+    out = tmp_path_factory.mktemp("tiny")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(src / name, out / name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def train_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"query": q, "node": n}) + "\n" for q, n in ROWS))
+    return path
+
+
+def build(base: Path, train: Path, out: Path, **kw: object) -> object:
+    options = BuildOptions(epochs=int(kw.pop("epochs", 60)), seed=int(kw.pop("seed", 0)))
+    return build_router(parse_graph(GRAPH), "router", str(base), train, out, options, **kw)
+
+
+def test_build_writes_a_servable_router_dir(tiny_base: Path, train_file: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "router"
+    result = build(tiny_base, train_file, out)
+    assert result.built and result.examples == len(ROWS) + 1  # + the graph's own example
+    assert result.tokens == {
+        "math": "<nexa_0>", "sci": "<nexa_1>", "chat": "<nexa_2>",
+        "physics": "<nexa_3>", "biology": "<nexa_4>",
+    }  # fmt: skip
+    assert set(result.train_accuracy) == {"root", "sci"}
+    tok = AutoTokenizer.from_pretrained(out)
+    added = tok.get_added_vocab()
+    for name in [*result.tokens.values(), "<nexa_end>"]:
+        assert added[name] >= 49152
+        assert tok.encode(f"x {name}", add_special_tokens=False)[-1] == added[name]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] >= 49152 + 6 and cfg["tie_word_embeddings"]
+    weights = load_file(str(out / "model.safetensors"))
+    emb = weights["model.embed_tokens.weight"]
+    assert emb.shape[0] >= 49152 + 6
+    # The new rows were trained (not the description means any more) and the old ones kept.
+    base_emb = load_file(str(tiny_base / "model.safetensors"))["model.embed_tokens.weight"]
+    assert (emb[:49152] == base_emb).all()
+    assert emb[added["<nexa_0>"]].float().norm() > 0
+    assert json.loads((out / STAMP_NAME).read_text())["stamp"] == result.stamp
+    assert not list(tmp_path.glob(".router.partial-*"))
+
+
+def test_build_is_deterministic_and_idempotent(tiny_base: Path, train_file: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = build(tiny_base, train_file, a)
+    again = build(tiny_base, train_file, a)
+    assert not again.built and again.stamp == first.stamp
+    build(tiny_base, train_file, b)
+    wa = load_file(str(a / "model.safetensors"))["model.embed_tokens.weight"]
+    wb = load_file(str(b / "model.safetensors"))["model.embed_tokens.weight"]
+    assert (wa == wb).all()
+    # A changed input (seed, data) rebuilds in place.
+    assert build(tiny_base, train_file, a, seed=1).built
+    train_file.write_text(train_file.read_text() + '{"query": "what is 9 - 4", "node": "math"}\n')
+    rebuilt = build(tiny_base, train_file, a, seed=1)
+    assert rebuilt.built and rebuilt.examples == len(ROWS) + 2
+    assert build(tiny_base, train_file, a, seed=1, force=True).built
+
+
+def test_labels_must_be_nodes(tiny_base: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "x", "node": "astrology"}\n')
+    with pytest.raises(RouterBuildError, match="astrology"):
+        build(tiny_base, bad, tmp_path / "out")
+    bad.write_text("not json\n")
+    with pytest.raises(RouterBuildError, match="line 1"):
+        load_examples(bad)
+
+
+def test_labels_map_to_the_child_on_the_path() -> None:
+    graph = parse_graph(GRAPH)
+    assert child_towards(graph, "root", "biology") == "sci"
+    assert child_towards(graph, "sci", "biology") == "biology"
+    assert child_towards(graph, "root", "sci") == "sci"
+    assert child_towards(graph, "sci", "math") is None
+
+
+def test_training_prompt_is_the_request_time_prompt() -> None:
+    if not packaged.is_prepared("smollm2"):
+        pytest.skip("packaged smollm2 is not prepared")
+    from transformers import AutoTokenizer
+
+    from service.protocol.internal import GenerateRequest
+    from service.worker.prompts import prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(packaged.model_dir("smollm2"))
+    messages = router_messages("how do magnets work", "octograph")
+    assert messages[0].content == OCTOGRAPH_SYSTEM_PROMPT
+    worker_ids, text = prompt_token_ids(tok, GenerateRequest(request_id="r", messages=messages))
+    assert router_prompt_ids(tok, "how do magnets work", "octograph") == worker_ids
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_common_prefix_and_data_paths(tmp_path: Path) -> None:
+    assert _common_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert _common_prefix([[1, 2], [1, 2]]) == 1  # at least one token of each is left to run
+    cfg = tmp_path / "configs" / "g.yaml"
+    cfg.parent.mkdir()
+    (tmp_path / "data.jsonl").write_text("")
+    assert resolve_data(cfg, "data.jsonl") == tmp_path / "data.jsonl"
+    (cfg.parent / "local.jsonl").write_text("")
+    assert resolve_data(cfg, "local.jsonl") == cfg.parent / "local.jsonl"

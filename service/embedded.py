@@ -19,9 +19,11 @@ from typing import IO
 import httpx
 
 from service.config import GatewaySettings
-from service.router.graph import GraphConfig, load_graph
+from service.router.graph import GraphConfig, RouterNode, load_graph
 
 READY_TIMEOUT_S = 900.0
+# KV block size of router workers (WorkerSettings.block_size says why it is not the default).
+ROUTER_BLOCK_SIZE = 32
 STOP_GRACE_S = 20.0
 
 
@@ -86,6 +88,7 @@ def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
 def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> list[WorkerProcess]:
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // max(1, len(dirs)))
+    router_models = {n.model for n in graph.nodes.values() if isinstance(n, RouterNode)}
     workers = []
     for name, path in dirs.items():
         port = free_port()
@@ -109,12 +112,15 @@ def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> l
         ]
         if graph.worker_models()[name].engine == "fake":
             cmd.append("--fake")
+        env = {**os.environ, "OCTOGRAPH_WORKER_LOG_JSON": "true"}
+        if name in router_models:  # see WorkerSettings.block_size
+            env["OCTOGRAPH_WORKER_BLOCK_SIZE"] = str(ROUTER_BLOCK_SIZE)
         proc = subprocess.Popen(
             cmd,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "OCTOGRAPH_WORKER_LOG_JSON": "true"},
+            env=env,
         )
         workers.append(WorkerProcess(name, port, proc, log_path))
     return workers

@@ -232,15 +232,17 @@ def test_bad_queries_are_400(real_workers: RealWorkers, name: str) -> None:
     assert ok.status_code == 200
 
 
-def _greedy_ids(url: str, request_id: str) -> list[int]:
+def _greedy_ids(url: str, request_id: str) -> tuple[list[int], list[float]]:
+    """Greedy token ids and, per step, the gap between the best and second-best logprob."""
     ids: list[int] = []
+    gaps: list[float] = []
     with httpx.stream(
         "POST",
         f"{url}/internal/generate",
         json={
             "request_id": request_id,
             "prompt": "The octopus is",
-            "sampling": {"max_tokens": 24, "temperature": 0, "ignore_eos": True},
+            "sampling": {"max_tokens": 24, "temperature": 0, "ignore_eos": True, "logprobs": 2},
         },
         timeout=300,
     ) as response:
@@ -250,7 +252,10 @@ def _greedy_ids(url: str, request_id: str) -> list[int]:
             assert event["type"] != "error", event
             if event["type"] == "delta":
                 ids.extend(event["token_ids"])
-    return ids
+                for step in event["logprobs"]:
+                    top = sorted((t["logprob"] for t in step["top"]), reverse=True)
+                    gaps.append(top[0] - top[1] if len(top) > 1 else math.inf)
+    return ids, gaps
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -260,16 +265,18 @@ def test_generation_is_unchanged_by_concurrent_byte_dist(
     """Capture requests share the engine's batches with ordinary generation and must not
     disturb it. The processor leaves other rows bit-identical (tests/unit/
     test_capture_channel.py); in bf16 a different batch shape alone can flip a near-tie late in
-    a greedy run, so the whole run must complete and its first tokens must agree."""
+    a greedy run, so the whole run must complete and the runs may part only at a near-tie of
+    the undisturbed run (a gap within bf16 batch-shape noise)."""
     url = real_workers.url(name)
-    alone = _greedy_ids(url, "alone")
+    alone, gaps = _greedy_ids(url, "alone")
     paths = [p + [1000 + i] for i, p in enumerate(paths_of(name) * 4)]
     request = ByteDistRequest(request_id="busy", queries=[ByteQuery(token_ids=p) for p in paths])
     with ThreadPoolExecutor(1) as pool:
         scoring = pool.submit(byte_dist, url, request)
-        together = _greedy_ids(url, "together")
+        together, _ = _greedy_ids(url, "together")
         assert len(scoring.result().results) == len(paths)
     assert len(alone) == len(together) == 24
     agree = next((i for i, (a, b) in enumerate(zip(alone, together, strict=True)) if a != b), 24)
-    print(json.dumps({"model": name, "greedy_tokens_agreeing": agree}))
-    assert together[:8] == alone[:8]
+    gap = gaps[agree] if agree < 24 else None
+    print(json.dumps({"model": name, "greedy_tokens_agreeing": agree, "gap_where_parted": gap}))
+    assert gap is None or gap < MAX_BF16_LOGPROB_DIFF, f"parted at step {agree}, gap {gap}"

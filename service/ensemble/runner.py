@@ -26,7 +26,6 @@ prompt may end mid-word (token healing, exact).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
@@ -46,6 +45,7 @@ from service.ensemble.remote import BridgedOracle, PoolReducer, RequestCancelled
 from service.ensemble.sampling import ByteSampler, Utf8Buffer
 from service.ensemble.stops import StopMatcher
 from service.errors import BadRequest, ContextLengthExceeded, ServiceError, Unavailable
+from service.gateway.streams import interleave
 from service.observability.metrics import GatewayMetrics
 from service.protocol.internal import GenerateEvent, GenerateRequest, TokenLogprobEvent
 from service.router.graph import EnsembleNode, GraphConfig
@@ -419,31 +419,9 @@ async def _events(choices: list[_Choice], prompt_tokens: int) -> AsyncIterator[G
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         return
-    queue: asyncio.Queue[GenerateEvent | BaseException | None] = asyncio.Queue(CHOICE_QUEUE_BOUND)
-
-    async def pump(choice: _Choice) -> None:
-        try:
-            async for event in choice.events():
-                await queue.put(event)
-            await queue.put(None)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            await queue.put(exc)
-
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
     try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
+        async for event in interleave([c.events() for c in choices], CHOICE_QUEUE_BOUND):
+            yield event
     finally:
-        for t in tasks:
-            t.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*tasks, return_exceptions=True)
         for c in choices:
             c.close()

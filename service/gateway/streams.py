@@ -109,11 +109,13 @@ def merge_jobs(streams: list[tuple[int, EventStream]], *, idle_timeout_s: float)
     timed = [_timed(s, idle_timeout_s, first, job) for job, (first, s) in enumerate(streams)]
     if len(timed) == 1:
         return timed[0]
-    return _interleave(timed)
+    return interleave(timed)
 
 
-async def _interleave(timed: list[EventStream]) -> EventStream:
-    queue: asyncio.Queue[GenerateEvent | BaseException | None] = asyncio.Queue(MERGE_QUEUE_BOUND)
+async def interleave(timed: list[EventStream], bound: int = MERGE_QUEUE_BOUND) -> EventStream:
+    """Events of several streams in arrival order (one pump task each, a bounded queue); the
+    first failure is re-raised to the consumer and every stream is closed at the end."""
+    queue: asyncio.Queue[GenerateEvent | BaseException | None] = asyncio.Queue(bound)
 
     async def pump(stream: EventStream) -> None:
         try:

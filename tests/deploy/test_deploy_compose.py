@@ -40,7 +40,15 @@ def test_compose_is_valid_and_profiles_split_cpu_from_gpu(tools: Tools) -> None:
 
 def test_models_is_a_one_shot_prepare_into_a_named_volume(services: dict[str, Any]) -> None:
     models = services["models"]
-    assert models["command"] == ["models", "prepare", "--cache-dir", "/models"]
+    # --graph: the same one-shot also builds the router model the router worker loads.
+    assert models["command"] == [
+        "models",
+        "prepare",
+        "--cache-dir",
+        "/models",
+        "--graph",
+        "/opt/octograph/configs/local.yaml",
+    ]
     assert models["restart"] == "no"
     vol = [v for v in models["volumes"] if v["target"] == "/models"]
     assert vol and vol[0]["type"] == "volume" and not vol[0].get("read_only")

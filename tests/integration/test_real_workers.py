@@ -108,24 +108,25 @@ def test_completions_gemma_logprobs_echo(client: openai.OpenAI) -> None:
 
 
 def test_n_and_seed(client: openai.OpenAI) -> None:
-    resp = client.chat.completions.create(
-        model="smollm2",
-        n=3,
-        max_tokens=12,
-        temperature=1.0,
-        seed=7,
-        messages=[{"role": "user", "content": "Write a word."}],
-    )
-    assert len(resp.choices) == 3
-    again = client.chat.completions.create(
-        model="smollm2",
-        n=3,
-        max_tokens=12,
-        temperature=1.0,
-        seed=7,
-        messages=[{"role": "user", "content": "Write a word."}],
-    )
-    assert [c.message.content for c in resp.choices] == [c.message.content for c in again.choices]
+    def ask(n: int) -> list[str]:
+        resp = client.chat.completions.create(
+            model="smollm2",
+            n=n,
+            max_tokens=12,
+            temperature=1.0,
+            seed=7,
+            messages=[{"role": "user", "content": "Write a word."}],
+        )
+        assert len(resp.choices) == n
+        return [c.message.content or "" for c in resp.choices]
+
+    several = ask(3)
+    assert len(set(several)) > 1, several  # each choice samples on its own
+    # A seed reproduces a sample when the engine computes the same batches. With n > 1 the
+    # choices' prefills may be batched differently from one call to the next, and in bf16 that
+    # alone moves logits enough to flip a sample (vLLM promises no more), so reproducibility is
+    # checked one request at a time.
+    assert ask(1) == ask(1)
 
 
 def test_stop_sequence(client: openai.OpenAI) -> None:

@@ -4,6 +4,7 @@ and passed explicitly: nothing reads the environment after start-up."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,10 +59,13 @@ class WorkerSettings(BaseSettings):
     threads: int | None = Field(None, description="CPU threads for the engine (CPU builds)")
     kv_cache_gib: PositiveFloat = 2.0
     # KV block size (None: vLLM's default, 128 tokens on CPU). Prefix caching reuses whole
-    # blocks only, so 32 lets a router worker keep its ~75-token system prompt cached (routing
+    # blocks only, so 32 lets a router worker keep its 64-token system prefix cached (routing
     # p50 78 -> 63 ms). Not the default: in bf16 a cached prefix gives slightly different
     # logits than a recomputed one, which breaks seeded/greedy reproducibility of generation.
     block_size: PositiveInt | None = None
+    executor: Literal["mp", "uni"] | None = Field(
+        None, description="vLLM executor backend (None: vLLM's choice, 'mp' on CPU)"
+    )
     max_inflight: PositiveInt = 256
     shutdown_grace_s: PositiveFloat = 30.0
     enable_capture: bool = Field(

@@ -56,6 +56,10 @@ class BuildOptions:
     # Torch threads of the feature pass. One by default: on a small shared CPU (vLLM workers
     # busy next to it) two spinning threads measured 6-8x slower than one.
     threads: int = 1
+    # Keep only the first N transformer layers (0: all). The router needs a topic, not a
+    # continuation: a truncated backbone classifies as well and each forward reads fewer
+    # weights, which is what a CPU forward pass costs (see the routing latency figures).
+    layers: int = 0
 
     @classmethod
     def from_spec(cls, build: dict[str, Any], **overrides: Any) -> BuildOptions:
@@ -457,6 +461,7 @@ def _build_into(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=getattr(torch, options.dtype))
     model.eval()
+    _truncate_layers(model, options.layers, base_dir)
     if not model.config.tie_word_embeddings:
         raise RouterBuildError(
             f"base model {base_dir} has untied output embeddings: training only the new rows "
@@ -518,6 +523,21 @@ def _build_into(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return accuracy
+
+
+def _truncate_layers(model: Any, layers: int, base_dir: Path) -> None:
+    """Drop the transformer layers above `layers`; the final norm stays, so the last hidden
+    state is normed exactly as the tied output layer expects."""
+    total = int(model.config.num_hidden_layers)
+    if layers <= 0 or layers == total:
+        return
+    if layers > total:
+        raise RouterBuildError(f"layers={layers}, but base model {base_dir} has only {total}")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types:
+        model.config.layer_types = list(layer_types)[:layers]
 
 
 def _config_dtype(base_dir: Path) -> Any:

@@ -26,7 +26,7 @@ OCTOPUS_SYSTEM_PROMPT = (
 OCTOGRAPH_SYSTEM_PROMPT = (
     "You are a router. Read the user's query and name its subject area in one word "
     "(for example math, programming, physics, chemistry, biology, health, law, finance, "
-    "history, or everyday chat), then call the function for that subject."
+    "history, or everyday chat), then call the function for that subject area, and nothing else."
 )
 
 

@@ -109,3 +109,29 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_worker_env_follows_the_model_role() -> None:
+    from service.embedded import ROUTER_BLOCK_SIZE, worker_env
+    from service.router.graph import parse_graph
+
+    graph = parse_graph(
+        """
+models:
+  r: {engine: fake}
+  both: {engine: fake}
+  leaf: {engine: fake}
+root: root
+nodes:
+  root: {kind: router, model: r, children: [a, sub], fallback: a}
+  sub: {kind: router, model: both, children: [a, b]}
+  a: {kind: model, model: leaf}
+  b: {kind: model, model: both}
+"""
+    )
+    assert worker_env(graph, "leaf") == {}
+    router_only = worker_env(graph, "r")
+    assert router_only["OCTOGRAPH_WORKER_BLOCK_SIZE"] == str(ROUTER_BLOCK_SIZE)
+    assert router_only["OCTOGRAPH_WORKER_ENABLE_CAPTURE"] == "false"
+    # A router model that also answers keeps byte-level capture (it may be an ensemble member).
+    assert worker_env(graph, "both") == {"OCTOGRAPH_WORKER_BLOCK_SIZE": str(ROUTER_BLOCK_SIZE)}

@@ -79,7 +79,11 @@ def train_file(tmp_path: Path) -> Path:
 
 
 def build(base: Path, train: Path, out: Path, **kw: object) -> object:
-    options = BuildOptions(epochs=int(kw.pop("epochs", 60)), seed=int(kw.pop("seed", 0)))
+    options = BuildOptions(
+        epochs=int(kw.pop("epochs", 60)),
+        seed=int(kw.pop("seed", 0)),
+        layers=int(kw.pop("layers", 0)),
+    )
     return build_router(parse_graph(GRAPH), "router", str(base), train, out, options, **kw)
 
 
@@ -130,6 +134,41 @@ def test_build_is_deterministic_and_idempotent(tiny_base: Path, train_file: Path
     rebuilt = build(tiny_base, train_file, a, seed=1)
     assert rebuilt.built and rebuilt.examples == len(ROWS) + 2
     assert build(tiny_base, train_file, a, seed=1, force=True).built
+
+
+def test_layers_option_keeps_the_first_layers(
+    tiny_base: Path, train_file: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "short"
+    result = build(tiny_base, train_file, out, layers=1)
+    assert result.built
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+    names = load_file(str(out / "model.safetensors")).keys()
+    assert any(n.startswith("model.layers.0.") for n in names)
+    assert not any(n.startswith("model.layers.1.") for n in names)
+    assert "model.norm.weight" in names  # the tied output still reads a normed state
+    full = build(tiny_base, train_file, tmp_path / "full")
+    assert full.stamp != result.stamp  # the option is part of the build stamp
+    with pytest.raises(RouterBuildError, match="has only 2"):
+        build(tiny_base, train_file, tmp_path / "deep", layers=3)
+
+
+def test_router_system_prompt_fills_whole_kv_blocks() -> None:
+    """Prefix caching reuses whole KV blocks: the part every router prompt shares (the system
+    turn up to the user's text) is a whole number of router blocks, so none of it is
+    recomputed per request."""
+    if not packaged.is_prepared("smollm2"):
+        pytest.skip("packaged smollm2 is not prepared")
+    from transformers import AutoTokenizer
+
+    from service.embedded import ROUTER_BLOCK_SIZE
+
+    tok = AutoTokenizer.from_pretrained(packaged.model_dir("smollm2"))
+    prompts = [router_prompt_ids(tok, q, "octograph") for q in ("why", "Was kostet 2+2?", "x y")]
+    shared = _common_prefix(prompts)
+    assert shared > 0 and shared % ROUTER_BLOCK_SIZE == 0, shared
 
 
 def test_labels_must_be_nodes(tiny_base: Path, tmp_path: Path) -> None:

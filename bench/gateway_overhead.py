@@ -645,11 +645,11 @@ def check_targets(rows: list[dict[str, Any]], chunk: dict[str, Any]) -> dict[str
         ok["per_chunk"] = chunk["added_ms_per_chunk"] <= 0.2
         lines.append(f"  streaming adds {chunk['added_ms_per_chunk']:.3f} ms per chunk (<= 0.2): "
                      f"{'met' if ok['per_chunk'] else 'MISSED'}")  # fmt: skip
-    best = max(
-        (r for r in rows if r["scenario"].startswith("non-stream")),
-        key=lambda r: r["gateway"]["rps"],
-        default=None,
-    )
+    # The target is a load the gateway sustains within the latency bound: the best throughput
+    # among concurrencies whose p99 is <= 50 ms (more clients only queue, p99 grows).
+    non_stream = [r for r in rows if r["scenario"].startswith("non-stream")]
+    within = [r for r in non_stream if r["gateway"]["p99_ms"] <= 50]
+    best = max(within or non_stream, key=lambda r: r["gateway"]["rps"], default=None)
     if best:
         g = best["gateway"]
         ok["rps_1500"] = g["rps"] >= 1500 and g["p99_ms"] <= 50

@@ -38,7 +38,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     msg = str(first.get("msg", "invalid value"))
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    if first.get("type") == "model_attributes_type" or (not loc and "dict" in msg):
+    if first.get("type") in ("model_attributes_type", "model_type") or (not loc and "dict" in msg):
         return "the request body must be a JSON object", None
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param

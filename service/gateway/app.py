@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from service.config import GatewaySettings
 from service.console.stats import ConsoleStats
 from service.gateway.auth import ApiKeys
+from service.gateway.fast_lane import FastLane
 from service.gateway.middleware import GatewayMiddleware
 from service.gateway.pipeline import Pipeline
 from service.gateway.routes import console as console_routes
@@ -99,6 +100,8 @@ def build_gateway_app(
     app.include_router(health.router)
     app.include_router(openai_routes.router)
     app.include_router(console_routes.router)
+    # Added before GatewayMiddleware, so it runs inside it (auth, admission, request ids).
+    app.add_middleware(FastLane, state=state)
     keys = ApiKeys(
         [k.get_secret_value() for k in settings.api_keys],
         settings.api_keys_file,

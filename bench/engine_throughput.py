@@ -2,6 +2,7 @@
 OpenAI server, at several concurrencies, side by side in one run.
 
     .venv/bin/python bench/engine_throughput.py [--concurrency 1 8 32] [--no-vllm-server]
+    .venv/bin/python bench/engine_throughput.py --paired [--window 20]
 
 Three targets, all up at once, measured in interleaved rounds (the order rotates each round, so
 drift in the machine's load hits every target alike):
@@ -13,6 +14,15 @@ drift in the machine's load hits every target alike):
 Every request asks for exactly --max-tokens tokens (ignore_eos, temperature 0). The worker runs
 with byte-level capture off (`--capture` turns it on) so that its engine is configured like
 vLLM's server; gateway vs direct is like with like either way.
+
+`--paired` measures gateway and direct at the same time on the one worker instead: each round,
+c clients through the gateway and c clients straight to the worker run together for --window
+seconds (the engine batches both sides' requests in the same steps), so a slow spell of this
+VM slows both sides alike and the ratio is paired within the round; in alternating rounds it
+is not (a target's rounds differ by up to +-40% here).  What the gateway costs shows up as fewer
+gateway requests completed in the window (its added latency per request), and its CPU is read
+from /proc and reported as a share of the machine: that CPU slows the shared engine for both
+sides, so it is printed rather than hidden in the ratio.
 
 Prints a table with the machine's load (uptime) before and after, and writes
 bench/results/engine_throughput.json.
@@ -104,25 +114,13 @@ async def run_load(
             todo.pop()
             t0 = time.perf_counter()
             try:
-                if parse == "ndjson":
-                    # A request id of its own, as the gateway gives each worker request.
-                    unique = {**body, "request_id": f"bench-{uuid.uuid4().hex}"}
-                    async with client.stream("POST", url, json=unique) as r:
-                        r.raise_for_status()
-                        async for line in r.aiter_lines():
-                            if line:
-                                ev = json.loads(line)
-                                if ev["type"] == "finish":
-                                    tokens += ev["completion_tokens"]
-                                elif ev["type"] == "error":
-                                    raise RuntimeError(ev)
-                else:
-                    r = await client.post(url, json=body)
-                    r.raise_for_status()
-                    tokens += r.json()["usage"]["completion_tokens"]
+                # Not `tokens += await ...`: that reads `tokens` before the await and loses
+                # the other clients' additions made meanwhile.
+                got = await _request(client, url, body, parse)
             except (httpx.HTTPError, RuntimeError):
                 errors += 1
                 continue
+            tokens += got
             latencies.append(time.perf_counter() - t0)
 
     t0 = time.perf_counter()
@@ -175,6 +173,134 @@ async def measure(
     return results
 
 
+async def run_window(
+    client: httpx.AsyncClient, target: Target, concurrency: int, start: float, deadline: float
+) -> dict[str, Any]:
+    """Closed-loop clients issuing requests from `start` until `deadline`; in-flight requests
+    finish and count.  Throughput = tokens / (last completion - start)."""
+    url, body, parse = target
+    tokens = 0
+    errors = 0
+    latencies: list[float] = []
+    last_end = start
+
+    async def one() -> None:
+        nonlocal tokens, errors, last_end
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                # Not `tokens += await ...`: that reads `tokens` before the await and loses
+                # the other clients' additions made meanwhile.
+                got = await _request(client, url, body, parse)
+            except (httpx.HTTPError, RuntimeError):
+                errors += 1
+                await asyncio.sleep(0.01)
+                continue
+            end = time.perf_counter()
+            tokens += got
+            latencies.append(end - t0)
+            last_end = max(last_end, end)
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    wall = last_end - start
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "p50_ms": statistics.median(latencies) * 1000 if latencies else float("nan"),
+    }
+
+
+async def _request(client: httpx.AsyncClient, url: str, body: dict[str, Any], parse: str) -> int:
+    if parse == "ndjson":
+        unique = {**body, "request_id": f"bench-{uuid.uuid4().hex}"}
+        got = 0
+        async with client.stream("POST", url, json=unique) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line:
+                    ev = json.loads(line)
+                    if ev["type"] == "finish":
+                        got += ev["completion_tokens"]
+                    elif ev["type"] == "error":
+                        raise RuntimeError(ev)
+        return got
+    r = await client.post(url, json=body)
+    r.raise_for_status()
+    return int(r.json()["usage"]["completion_tokens"])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (and its reaped children) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_paired(
+    targets: dict[str, Target],
+    concurrencies: list[int],
+    rounds: int,
+    window: float,
+    gateway_pid: int,
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+        for name in ("direct", "gateway"):
+            warm = await run_load(client, targets[name], 8, 16)
+            print(f"warm-up {name}: {warm['requests']} ok, {warm['errors']} errors", flush=True)
+        for c in concurrencies:
+            per_round: list[dict[str, Any]] = []
+            for rnd in range(rounds):
+                cpu0 = cpu_seconds(gateway_pid)
+                start = time.perf_counter()
+                deadline = start + window
+                direct, gateway = await asyncio.gather(
+                    run_window(client, targets["direct"], c, start, deadline),
+                    run_window(client, targets["gateway"], c, start, deadline),
+                )
+                elapsed = time.perf_counter() - start
+                gw_cpu = cpu_seconds(gateway_pid) - cpu0
+                ratio = gateway["tokens_per_s"] / direct["tokens_per_s"]
+                per_round.append(
+                    {
+                        "direct": direct,
+                        "gateway": gateway,
+                        "ratio": ratio,
+                        "gateway_cpu_s": gw_cpu,
+                        "elapsed_s": elapsed,
+                    }
+                )
+                print(
+                    f"c={c:<3} round {rnd + 1}/{rounds} direct {direct['tokens_per_s']:7.1f} "
+                    f"tok/s ({direct['requests']} req)  gateway {gateway['tokens_per_s']:7.1f} "
+                    f"tok/s ({gateway['requests']} req)  ratio {ratio:.3f}  gateway CPU "
+                    f"{100 * gw_cpu / elapsed:.2f}% of a core  errors "
+                    f"{direct['errors'] + gateway['errors']}  load {os.getloadavg()[0]:.2f}",
+                    flush=True,
+                )
+            pooled = {
+                side: sum(r[side]["tokens"] for r in per_round)
+                / sum(r[side]["wall_s"] for r in per_round)
+                for side in ("direct", "gateway")
+            }
+            results[str(c)] = {
+                "direct": {"tokens_per_s": pooled["direct"]},
+                "gateway": {"tokens_per_s": pooled["gateway"]},
+                "gateway_over_direct": pooled["gateway"] / pooled["direct"],
+                "round_ratios": [r["ratio"] for r in per_round],
+                "median_round_ratio": statistics.median(r["ratio"] for r in per_round),
+                "gateway_cpu_share_of_core": sum(r["gateway_cpu_s"] for r in per_round)
+                / sum(r["elapsed_s"] for r in per_round),
+                "errors": sum(r["direct"]["errors"] + r["gateway"]["errors"] for r in per_round),
+                "rounds": per_round,
+            }
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -184,7 +310,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="engine CPU threads (each engine)")
     ap.add_argument("--capture", action="store_true", help="worker with byte-level capture on")
     ap.add_argument("--no-vllm-server", action="store_true", help="skip vLLM's own server")
+    ap.add_argument(
+        "--paired", action="store_true", help="gateway and direct at the same time (no vLLM server)"
+    )
+    ap.add_argument("--window", type=float, default=20.0, help="seconds per paired round")
     args = ap.parse_args()
+    if args.paired:
+        args.no_vllm_server = True
 
     tmp = Path(tempfile.mkdtemp(prefix="octograph-bench-"))
     model_dir = packaged.model_dir("smollm2")
@@ -194,6 +326,7 @@ def main() -> int:
         "max_tokens": args.max_tokens,
         "threads": args.threads,
         "capture": args.capture,
+        "mode": "paired" if args.paired else "rounds",
         "uptime_before": uptime(),
         "cpus": os.cpu_count(),
     }
@@ -248,18 +381,28 @@ def main() -> int:
         }
         if not args.no_vllm_server:
             targets["vllm-server"] = (f"http://127.0.0.1:{vport}/v1/chat/completions", chat, "json")
-        out["results"] = asyncio.run(
-            measure(targets, args.concurrency, args.rounds, args.per_round)
-        )
+        if args.paired:
+            out["window_s"] = args.window
+            out["results"] = asyncio.run(
+                measure_paired(targets, args.concurrency, args.rounds, args.window, procs[-1].pid)
+            )
+        else:
+            out["results"] = asyncio.run(
+                measure(targets, args.concurrency, args.rounds, args.per_round)
+            )
     finally:
         stop(procs)
         print(f"logs in {tmp}", flush=True)
     out["uptime_after"] = uptime()
-    print_table(out)
+    if args.paired:
+        print_paired(out)
+    else:
+        print_table(out)
     dest = REPO / "bench" / "results"
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "engine_throughput.json").write_text(json.dumps(out, indent=2))
-    print(f"wrote {(dest / 'engine_throughput.json').relative_to(REPO)}")
+    name = "engine_throughput_paired.json" if args.paired else "engine_throughput.json"
+    (dest / name).write_text(json.dumps(out, indent=2))
+    print(f"wrote {(dest / name).relative_to(REPO)}")
     return 0
 
 
@@ -289,6 +432,28 @@ def print_table(out: dict[str, Any]) -> None:
             )
             line += f" {row['gateway_over_vllm_server']:13.3f}"
         print(line)
+
+
+def print_paired(out: dict[str, Any]) -> None:
+    print()
+    print(f"before: {out['uptime_before']}")
+    print(f"after:  {out['uptime_after']}")
+    print(
+        f"SmolLM2-135M, chat, {out['max_tokens']} tokens a request, {out['threads']} engine "
+        f"threads; gateway and direct at the same time on one worker, "
+        f"{out['window_s']:.0f} s windows"
+    )
+    print(
+        f"{'conc':>4} {'direct tok/s':>13} {'gateway tok/s':>14} {'gateway/direct':>15} "
+        f"{'round ratios':>22} {'gw CPU % core':>14}"
+    )
+    for c, row in out["results"].items():
+        rounds = " ".join(f"{r:.3f}" for r in row["round_ratios"])
+        print(
+            f"{c:>4} {row['direct']['tokens_per_s']:13.1f} {row['gateway']['tokens_per_s']:14.1f} "
+            f"{row['gateway_over_direct']:15.3f} {rounds:>22} "
+            f"{100 * row['gateway_cpu_share_of_core']:14.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -133,6 +133,8 @@ async def ensemble_speed(
     t0 = time.perf_counter()
     stream = await runner.open(node_id, node, req, ctx)
     t_open = time.perf_counter() - t0
+    # What the prompt's set-up cost (the re-opened tail, byte by byte, and the first forwards).
+    open_calls = {m: dict(v) for m, v in CALLS.items()}
     async for ev in stream:
         if ev["type"] == "delta":
             text += ev.get("text", "")
@@ -148,6 +150,7 @@ async def ensemble_speed(
         "seconds": seconds,
         "bytes_per_s": n / seconds,
         "open_seconds": t_open,
+        "open_byte_dist": open_calls,
         "text": text,
         "byte_dist": CALLS,
         "trees": runner.totals.by_model,
@@ -223,10 +226,12 @@ def main() -> int:
         f"prune {e['prune']:g})"
     )
     for model, c in e["byte_dist"].items():
+        o = e["open_byte_dist"].get(model, {"calls": 0, "seconds": 0.0})
         print(
             f"  byte-dist {model:<10}: {int(c['calls'])} calls, {int(c['queries'])} queries, "
             f"{c['seconds']:.2f}s waiting ({c['seconds'] / max(e['seconds'], 1e-9):.0%} of "
-            "the ensemble's time)"
+            f"the ensemble's time; {int(o['calls'])} calls, {o['seconds']:.2f}s before the "
+            "first distribution)"
         )
     for model, t in e["trees"].items():
         print(

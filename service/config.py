@@ -60,9 +60,14 @@ class WorkerSettings(BaseSettings):
     kv_cache_gib: PositiveFloat = 2.0
     # KV block size (None: vLLM's default, 128 tokens on CPU). Prefix caching reuses whole
     # blocks only, so 32 lets a router worker keep its 64-token system prefix cached (routing
-    # p50 78 -> 63 ms). Not the default: in bf16 a cached prefix gives slightly different
-    # logits than a recomputed one, which breaks seeded/greedy reproducibility of generation.
+    # p50 78 -> 63 ms) and byte-level scoring reuse the shared part of its token paths.
     block_size: PositiveInt | None = None
+    # In bf16 a prompt whose prefix comes from the prefix cache gets slightly different logits
+    # than one computed in full, enough to flip a sample now and then. So seeded and greedy
+    # generation requests compute their whole prompt (vLLM's skip_reading_prefix_cache) and
+    # reproduce; other sampling, scoring and byte-level capture read the cache. False trades
+    # that guarantee for prefix reuse on long seeded/greedy prompts.
+    reproducible_generation: bool = True
     executor: Literal["mp", "uni"] | None = Field(
         None, description="vLLM executor backend (None: vLLM's choice, 'mp' on CPU)"
     )

@@ -93,8 +93,10 @@ def _document_start(tokenizer: Any) -> int | None:
 
 
 def load_member_assets(model: str, model_dir: Path, max_model_len: int) -> MemberAssets:
-    """Blocking: parses tokenizer files (Gemma's table is cached as .npz after the first)."""
+    """Blocking: parses tokenizer files (Gemma's table is cached as .npz after the first; its
+    canonical encoder is still built from tokenizer.json, here rather than on first use)."""
     table = TokenByteTable.from_tokenizer_file(model_dir / "tokenizer.json")
+    table.load_encoder()
     # One import at a time: transformers' lazy module is not safe to import from two threads
     # at once (the preload thread and a request can race; the loser sees a half-built module).
     with _TRANSFORMERS_IMPORT:

@@ -460,6 +460,15 @@ class TokenByteTable:
             return tokenizer
         return _load_tokenizers(json.loads(raw), raw)[1]
 
+    def load_encoder(self) -> None:
+        """Build the canonical encoder now.  A table read from its .npz cache builds it on first
+        use, from tokenizer.json: ~2 s for Gemma-3's, which the first request would wait for."""
+        _ = self._encoder
+
+    @property
+    def encoder_loaded(self) -> bool:
+        return "_encoder" in self.__dict__
+
     def encode(self, text: bytes) -> list[int]:
         """Canonical token ids of `text` (complete UTF-8) as it appears mid-document: no dummy
         prefix, no BOS, special-token spellings encoded as ordinary text."""

@@ -16,6 +16,7 @@ from service.protocol.internal import (
     ByteDistResponse,
     GenerateEvent,
     GenerateRequest,
+    SamplingOptions,
     ScoreRequest,
     ScoreResponse,
     WorkerInfo,
@@ -30,6 +31,12 @@ class PreparedPrompt:
     prompt_token_ids: list[int]
     prompt_text: str
     max_tokens: int
+
+
+def asks_reproducible(sampling: SamplingOptions) -> bool:
+    """A request whose output should not change from one call to the next: seeded, or greedy.
+    (WorkerSettings.reproducible_generation says what a worker does about it.)"""
+    return sampling.seed is not None or sampling.temperature == 0.0
 
 
 class Engine(Protocol):

@@ -34,7 +34,9 @@ class RealWorkers:
 
 @pytest.fixture(scope="session")
 def real_workers() -> Iterator[RealWorkers]:
-    """smollm2 + gemma3 workers (one thread each on this 2-core machine)."""
+    """smollm2 + gemma3 workers (one thread each on this 2-core machine), configured as
+    `octograph up` configures the shipped graph's: both are ensemble members, so their KV
+    blocks are 32 tokens (service.embedded.worker_env)."""
     for name in ("smollm2", "gemma3"):
         if not packaged.is_prepared(name):
             pytest.fail(f"packaged model {name} not prepared: run `octograph models prepare`")
@@ -42,6 +44,8 @@ def real_workers() -> Iterator[RealWorkers]:
         "models:\n"
         "  smollm2: {packaged: smollm2, max_model_len: 2048}\n"
         "  gemma3: {packaged: gemma3, max_model_len: 2048}\n"
+        "nodes:\n"
+        "  blend: {kind: ensemble, members: [{model: smollm2}, {model: gemma3}]}\n"
     )
     dirs = {n: packaged.model_dir(n) for n in ("smollm2", "gemma3")}
     log_dir = Path(tempfile.mkdtemp(prefix="octograph-it-"))

@@ -129,6 +129,29 @@ def test_n_and_seed(client: openai.OpenAI) -> None:
     assert ask(1) == ask(1)
 
 
+def test_seeded_sample_reproduces_over_a_cached_prefix(client: openai.OpenAI) -> None:
+    """The workers keep 32-token KV blocks (ensemble members), so a repeated prompt finds its
+    blocks cached; in bf16 a cached prefix moves the logits a little. Seeded requests compute
+    their prompt in full (WorkerSettings.reproducible_generation): same sample, same numbers."""
+    facts = "The ocean covers most of the planet and holds most of its water. " * 8
+
+    def ask(seed: int) -> list[float]:
+        resp = client.chat.completions.create(
+            model="smollm2",
+            max_tokens=8,
+            temperature=1.0,
+            seed=seed,
+            logprobs=True,
+            messages=[{"role": "user", "content": facts + "Say something about it."}],
+        )
+        content = resp.choices[0].logprobs.content
+        assert content
+        return [c.logprob for c in content]
+
+    first = ask(3)  # leaves the prompt's blocks in the prefix cache
+    assert ask(3) == first
+
+
 def test_stop_sequence(client: openai.OpenAI) -> None:
     resp = client.completions.create(
         model="smollm2",

@@ -112,7 +112,7 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
 
 
 def test_worker_env_follows_the_model_role() -> None:
-    from service.embedded import ROUTER_BLOCK_SIZE, worker_env
+    from service.embedded import SCORING_BLOCK_SIZE, worker_env
     from service.router.graph import parse_graph
 
     graph = parse_graph(
@@ -121,17 +121,24 @@ models:
   r: {engine: fake}
   both: {engine: fake}
   leaf: {engine: fake}
+  member: {engine: fake}
+  plain: {engine: fake}
 root: root
 nodes:
   root: {kind: router, model: r, children: [a, sub], fallback: a}
-  sub: {kind: router, model: both, children: [a, b]}
+  sub: {kind: router, model: both, children: [a, b, c, blend]}
   a: {kind: model, model: leaf}
   b: {kind: model, model: both}
+  c: {kind: model, model: plain}
+  blend: {kind: ensemble, members: [{model: member}, {model: leaf}]}
 """
     )
-    assert worker_env(graph, "leaf") == {}
+    assert worker_env(graph, "plain") == {}
+    # An ensemble member scores token paths that share trunks: small blocks, capture on.
+    assert worker_env(graph, "member") == {"OCTOGRAPH_WORKER_BLOCK_SIZE": str(SCORING_BLOCK_SIZE)}
+    assert worker_env(graph, "leaf") == {"OCTOGRAPH_WORKER_BLOCK_SIZE": str(SCORING_BLOCK_SIZE)}
     router_only = worker_env(graph, "r")
-    assert router_only["OCTOGRAPH_WORKER_BLOCK_SIZE"] == str(ROUTER_BLOCK_SIZE)
+    assert router_only["OCTOGRAPH_WORKER_BLOCK_SIZE"] == str(SCORING_BLOCK_SIZE)
     assert router_only["OCTOGRAPH_WORKER_ENABLE_CAPTURE"] == "false"
     # A router model that also answers keeps byte-level capture (it may be an ensemble member).
-    assert worker_env(graph, "both") == {"OCTOGRAPH_WORKER_BLOCK_SIZE": str(ROUTER_BLOCK_SIZE)}
+    assert worker_env(graph, "both") == {"OCTOGRAPH_WORKER_BLOCK_SIZE": str(SCORING_BLOCK_SIZE)}

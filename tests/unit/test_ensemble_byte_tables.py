@@ -187,6 +187,9 @@ def test_cache_round_trip(tmp_path: Path) -> None:
         built.dummy_prefix,
         built.vocab_size,
     )
+    assert not loaded.encoder_loaded  # built lazily from tokenizer.json...
+    loaded.load_encoder()  # ...or up front, as the gateway's asset loading does
+    assert loaded.encoder_loaded
     assert loaded.encode(b"the fox") == built.encode(b"the fox")
     # A different stop set is a different cache entry; a torn file is rebuilt.
     TokenByteTable.from_tokenizer_file(path, cache_dir=tmp_path / "cache", stop_tokens=["<eos>"])

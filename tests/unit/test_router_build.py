@@ -163,12 +163,12 @@ def test_router_system_prompt_fills_whole_kv_blocks() -> None:
         pytest.skip("packaged smollm2 is not prepared")
     from transformers import AutoTokenizer
 
-    from service.embedded import ROUTER_BLOCK_SIZE
+    from service.embedded import SCORING_BLOCK_SIZE
 
     tok = AutoTokenizer.from_pretrained(packaged.model_dir("smollm2"))
     prompts = [router_prompt_ids(tok, q, "octograph") for q in ("why", "Was kostet 2+2?", "x y")]
     shared = _common_prefix(prompts)
-    assert shared > 0 and shared % ROUTER_BLOCK_SIZE == 0, shared
+    assert shared > 0 and shared % SCORING_BLOCK_SIZE == 0, shared
 
 
 def test_labels_must_be_nodes(tiny_base: Path, tmp_path: Path) -> None:

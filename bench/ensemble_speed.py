@@ -12,6 +12,11 @@ Without --url it starts one vLLM worker per member (as `octograph up` does) and 
 * members: each member's worker generating `--tokens` tokens for the same prompt
   (`POST /internal/generate`, ignore_eos), bytes/s = bytes of the text produced / wall time.
 
+`--samples` (3) repeats both with a different prompt and seed each time, members then ensemble,
+interleaved (how many token paths a text needs varies severalfold with the sampled text, and
+this machine's speed drifts by tens of percent within minutes); figures are pooled (all bytes
+over all seconds).
+
 Prints both, the ratio ensemble / slower member (end to end, and after the first
 distribution, i.e. without the prompt set-up), and what the ensemble's time went into:
 worker byte-dist calls per member (count, queries, time) and the rest (trees, mixing).
@@ -64,17 +69,22 @@ async def _timed_call(self: PoolReducer, queries: list[Any]) -> Any:
 
 PoolReducer._call = _timed_call  # type: ignore[method-assign]
 
-PROMPT = (
+# One prompt per sample, so no sample finds its prompt's paths cached by an earlier one.
+PROMPTS = (
     "The old lighthouse keeper climbed the stairs every evening at dusk. On the night "
-    "of the storm, he noticed"
+    "of the storm, he noticed",
+    "Every spring the river rose over the low fields, and the farmers moved their sheep "
+    "to the hills. That year, however,",
+    "The letter arrived on a Tuesday, three weeks late and stained with rain. When she "
+    "finally opened it, she found",
 )
 
 
-async def token_speed(url: str, model: str, tokens: int) -> dict[str, Any]:
+async def token_speed(url: str, model: str, tokens: int, seed: int) -> dict[str, Any]:
     req = GenerateRequest(
-        request_id=f"bench-{model}",
-        prompt=PROMPT,
-        sampling=SamplingOptions(max_tokens=tokens, temperature=1.0, seed=0, ignore_eos=True),
+        request_id=f"bench-{model}-{seed}",
+        prompt=PROMPTS[seed % len(PROMPTS)],
+        sampling=SamplingOptions(max_tokens=tokens, temperature=1.0, seed=seed, ignore_eos=True),
     )
     text = ""
     async with httpx.AsyncClient(timeout=600, trust_env=False) as http:
@@ -104,7 +114,13 @@ async def token_speed(url: str, model: str, tokens: int) -> dict[str, Any]:
 
 
 async def ensemble_speed(
-    graph: Any, node_id: str, urls: dict[str, str], max_bytes: int, prune: float | None, seed: int
+    graph: Any,
+    node_id: str,
+    urls: dict[str, str],
+    max_bytes: int,
+    prune: float | None,
+    seed: int,
+    prompt: str,
 ) -> dict[str, Any]:
     node = graph.nodes[node_id]
     assert isinstance(node, EnsembleNode)
@@ -124,12 +140,13 @@ async def ensemble_speed(
     for m in node.members:  # tokenizer tables load once per gateway, not per request
         await runner.assets.get(m.model)
     req = GenerateRequest(
-        request_id="bench-ensemble",
-        prompt=PROMPT,
+        request_id=f"bench-ensemble-{seed}",
+        prompt=prompt,
         sampling=SamplingOptions(max_tokens=max_bytes, temperature=1.0, seed=seed),
     )
     ctx = RequestContext("bench-ensemble", time.monotonic() + 3600)
     text = ""
+    CALLS.clear()
     t0 = time.perf_counter()
     stream = await runner.open(node_id, node, req, ctx)
     t_open = time.perf_counter() - t0
@@ -152,7 +169,7 @@ async def ensemble_speed(
         "open_seconds": t_open,
         "open_byte_dist": open_calls,
         "text": text,
-        "byte_dist": CALLS,
+        "byte_dist": {m: dict(v) for m, v in CALLS.items()},
         "trees": runner.totals.by_model,
     }
 
@@ -175,21 +192,48 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             procs = start_workers(graph, dirs, Path(tempfile.mkdtemp(prefix="octo-bench-")))
             wait_ready(procs)
             urls.update({p.name: p.url for p in procs})
-        members = [await token_speed(urls[m.model], m.model, args.tokens) for m in node.members]
-        ens = await ensemble_speed(graph, args.node, urls, args.bytes, args.prune, args.seed)
+        # Samples interleave members and ensemble, so drift in the machine's speed hits both.
+        members: list[dict[str, Any]] = []
+        samples: list[dict[str, Any]] = []
+        for i in range(args.samples):
+            for m in node.members:
+                members.append(await token_speed(urls[m.model], m.model, args.tokens, i))
+            samples.append(
+                await ensemble_speed(
+                    graph,
+                    args.node,
+                    urls,
+                    args.bytes,
+                    args.prune,
+                    args.seed + i,
+                    PROMPTS[i % len(PROMPTS)],
+                )
+            )
     finally:
         if procs:
             stop_workers(procs)
-    slower = min(members, key=lambda m: m["bytes_per_s"])
-    steady = ens["bytes"] / max(ens["seconds"] - ens["open_seconds"], 1e-9)
+    pooled = {m.model: _pooled([r for r in members if r["model"] == m.model]) for m in node.members}
+    slower = min(pooled, key=lambda name: pooled[name]["bytes_per_s"])
+    ens = _pooled(samples)
+    steady_seconds = sum(e["seconds"] - e["open_seconds"] for e in samples)
+    steady = ens["bytes"] / max(steady_seconds, 1e-9)
     return {
         "members": members,
-        "ensemble": ens,
-        "slower_member": slower["model"],
-        "ratio": ens["bytes_per_s"] / slower["bytes_per_s"],
+        "members_pooled": pooled,
+        "samples": samples,
+        "ensemble_pooled": ens,
+        "slower_member": slower,
+        "ratio": ens["bytes_per_s"] / pooled[slower]["bytes_per_s"],
         "steady_bytes_per_s": steady,
-        "steady_ratio": steady / slower["bytes_per_s"],
+        "steady_ratio": steady / pooled[slower]["bytes_per_s"],
     }
+
+
+def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """All bytes over all seconds."""
+    total_bytes = sum(r["bytes"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    return {"bytes": total_bytes, "seconds": seconds, "bytes_per_s": total_bytes / seconds}
 
 
 def main() -> int:
@@ -211,6 +255,12 @@ def main() -> int:
         default=None,
         help="override the runner's cover-pruning threshold (0: exact)",
     )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=3,
+        help="ensemble texts (seeds seed, seed+1, ...) and member runs, interleaved; pooled",
+    )
     p.add_argument("--url", action="append", default=[], metavar="MODEL=URL")
     args = p.parse_args()
     result = asyncio.run(main_async(args))
@@ -219,9 +269,29 @@ def main() -> int:
             f"member {m['model']:<10} token-level: {m['bytes']:5d} bytes in "
             f"{m['seconds']:6.2f}s = {m['bytes_per_s']:7.1f} bytes/s"
         )
-    e = result["ensemble"]
+    for e in result["samples"]:
+        print_sample(e)
+    for model, m in result["members_pooled"].items():
+        print(f"pooled member {model:<10}: {m['bytes_per_s']:7.1f} bytes/s")
+    e = result["ensemble_pooled"]
     print(
-        f"ensemble {e['node']:<8} byte-level : {e['bytes']:5d} bytes in {e['seconds']:6.2f}s "
+        f"pooled ensemble         : {e['bytes_per_s']:7.1f} bytes/s "
+        f"({e['bytes']} bytes in {e['seconds']:.1f}s)"
+    )
+    print(
+        f"ratio ensemble / slower member ({result['slower_member']}): {result['ratio']:.3f} "
+        f"end to end; {result['steady_ratio']:.3f} after the first distribution "
+        f"({result['steady_bytes_per_s']:.1f} bytes/s)"
+    )
+    out = REPO / "bench/results/ensemble_speed.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def print_sample(e: dict[str, Any]) -> None:
+    print(
+        f"ensemble {e['node']:<8} seed {e['seed']}: {e['bytes']:5d} bytes in {e['seconds']:6.2f}s "
         f"= {e['bytes_per_s']:7.1f} bytes/s (first distribution after {e['open_seconds']:.2f}s, "
         f"prune {e['prune']:g})"
     )
@@ -238,15 +308,6 @@ def main() -> int:
             f"  tree {model:<10}: {int(t['steps'])} steps, {int(t['new_paths'])} new paths "
             f"(forwards), {int(t['recoveries'])} rebuilds, pruned mass {t['pruned_mass']:.3g}"
         )
-    print(
-        f"ratio ensemble / slower member ({result['slower_member']}): {result['ratio']:.3f} "
-        f"end to end; {result['steady_ratio']:.3f} after the first distribution "
-        f"({result['steady_bytes_per_s']:.1f} bytes/s)"
-    )
-    out = REPO / "bench/results/ensemble_speed.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -81,6 +81,8 @@ CoverMode = Literal["canonical", "all"]
 DEFAULT_PROBES: tuple[str, ...] = ("a", "1", ".", " ", "\n")
 NEG_INF = -math.inf
 STOP = 256
+# Canonical tokens replayed before the earliest cover when pruning has to be undone.
+REBUILD_MARGIN_TOKENS = 2
 
 
 class ZeroProbabilityError(ValueError):
@@ -572,22 +574,29 @@ class CoveringTree:
         return nodes + children, _log_sub(total, pruned), len(children)
 
     def _rebuild(self) -> None:
-        """Restart from the canonical encoding of the text, cut at a token boundary at least
-        two maximal tokens back, and replay the rest without pruning (one oracle call).
-        Masses are from then on conditioned on that prefix: an approximation, used only
-        when pruning would otherwise end the stream."""
+        """Restart from the canonical encoding of the text, cut at a token boundary a few
+        tokens before the earliest place a cover can start, and replay the rest without
+        pruning (one oracle call).  Masses are from then on conditioned on that prefix: an
+        approximation, used only when pruning would otherwise end the stream."""
         text = bytes(self._text)
         end = len(text)
         while end > self._skip and not is_complete(text[:end]):
             end -= 1
         toks = self._canonical(text[:end]) if end > 0 else []
-        limit = len(text) - 2 * self.table.max_token_bytes
-        k, d = 0, 0
-        for i, tid in enumerate(toks):
-            nxt = d + len(self.table.token_bytes(tid))
-            if nxt > limit:
-                break
-            k, d = i + 1, nxt
+        # Every replayed byte costs a forward per new path, unpruned.  The cut used to be two
+        # maximal tokens before the end: 96 bytes of Gemma-3 text, 162 of SmolLM2's (its
+        # longest token is 81 bytes), ~100-130 forwards a rebuild.  Covers reach back only to
+        # where some token still starts with the rest of the text (the current word, in
+        # prose); the cut is REBUILD_MARGIN_TOKENS canonical tokens before that, so the
+        # tokens ahead of it are settled (GPT-2 splits that move back over a character, like
+        # "we'l" -> we|'|l but "we'll" -> we|'ll, stay inside the margin).
+        reach = self._earliest_cover_start(text)
+        bounds = [0]
+        for tid in toks:
+            bounds.append(bounds[-1] + len(self.table.token_bytes(tid)))
+        settled = max(i for i, b in enumerate(bounds) if b <= reach)
+        k = max(0, settled - REBUILD_MARGIN_TOKENS)
+        d = bounds[k]
         if d < self._skip:  # never cut inside the consumed dummy-prefix space
             k, d = 0, 0
         self.stats.recoveries += 1
@@ -604,6 +613,15 @@ class CoveringTree:
         finally:
             self.prune = prune
             self._rebuilding = False
+
+    def _earliest_cover_start(self, text: bytes) -> int:
+        """The first offset j from which some vocabulary token starts with text[j:]: no
+        cover of `text` starts before it."""
+        for j in range(max(self._skip, len(text) - self.table.max_token_bytes), len(text)):
+            lo, hi = self.table.prefix_range(text[j:])
+            if lo < hi:
+                return j
+        return len(text)
 
     def score(self, data: bytes) -> float:
         """Total log-probability of `data` (consumed)."""

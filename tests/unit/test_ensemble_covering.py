@@ -425,3 +425,37 @@ def test_windowed_canonical_encoding_equals_full(name: str) -> None:
         if is_complete(text[:i]):
             assert enc.tokens(text[:i]) == table.encode(text[:i]), i
     assert enc.window_encodes > enc.full_encodes
+
+
+@pytest.mark.parametrize("kind", [*TINY, "smollm2", "gemma3"])
+def test_rebuild_replays_only_the_last_words(kind: str) -> None:
+    """Undoing pruning replays the text from a few canonical tokens before the earliest cover,
+    not from far back (every replayed byte costs forwards; SmolLM2's longest token is 81
+    bytes, so "two maximal tokens back" was 162 bytes)."""
+    if kind in TINY:
+        table = tiny_table(kind)
+    elif real_available(kind):
+        table = real_table(kind)
+    else:
+        pytest.skip(f"{kind} tokenizer not prepared")
+    model = HashModel(table.vocab_size, seed=8, sigma=3.0)
+    root = _root(table)
+    text = PARAGRAPH[:200].encode()
+    tree = _tree(table, model, root, prune=0.01)
+    tree.extend(text, prefetch=False)
+    expected = tree.next_byte_logprobs()
+    replayed: list[bytes] = []
+    extend = tree.extend
+
+    def spy(data: bytes, *, prefetch: bool = True) -> NDArray[np.float64]:
+        replayed.append(data)
+        return extend(data, prefetch=prefetch)
+
+    tree.extend = spy  # type: ignore[method-assign]
+    tree._rebuild()
+    assert len(replayed) == 1
+    assert 0 < len(replayed[0]) < 40, replayed[0]
+    assert text.endswith(replayed[0])
+    # Every byte the pruned tree could continue with, the rebuilt one can too.
+    after = tree.next_byte_logprobs()
+    assert np.isfinite(after[np.isfinite(expected)]).all()

@@ -27,7 +27,13 @@ from service.protocol.internal import (
     ScoreResponse,
     WorkerInfo,
 )
-from service.worker.http11 import ConnectFailed, Http11Pool, ProtocolFailure, ReadTimeout
+from service.worker.http11 import (
+    ConnectFailed,
+    Http11Pool,
+    ProtocolFailure,
+    ReadTimeout,
+    StreamResponse,
+)
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -106,16 +112,7 @@ class WorkerClient:
         worker cannot be reached (the caller may retry elsewhere), other ServiceErrors after.
         Closing this iterator early drops the connection: that is what aborts the worker."""
         body = request.model_dump_json(exclude_none=True).encode()
-        try:
-            response = await self._streams.post_stream(
-                "/internal/generate", body, {**_JSON, **(headers or {})}
-            )
-        except ConnectFailed as exc:
-            raise WorkerUnreachable(f"worker {self.base_url} unreachable: {exc}") from None
-        except ReadTimeout:
-            raise DeadlineExceeded(f"worker {self.base_url} did not answer in time") from None
-        except ProtocolFailure as exc:
-            raise UpstreamError(f"worker request failed: {exc}") from None
+        response = await self._send("/internal/generate", body, headers)
         try:
             if response.status != 200:
                 raise _error_from_body(response.status, await response.read())
@@ -177,18 +174,22 @@ class WorkerClient:
         except ValidationError:
             raise UpstreamError("the worker sent a malformed byte-dist answer") from None
 
-    async def _post_lean(
-        self, path: str, body: bytes, headers: dict[str, str] | None, limit: int
-    ) -> bytes:
-        """POST over the HTTP/1.1 pool; the whole answer (at most `limit` bytes) on 200."""
+    async def _send(self, path: str, body: bytes, headers: dict[str, str] | None) -> StreamResponse:
+        """POST over the HTTP/1.1 pool, up to the answer's status and headers."""
         try:
-            response = await self._streams.post_stream(path, body, {**_JSON, **(headers or {})})
+            return await self._streams.post_stream(path, body, {**_JSON, **(headers or {})})
         except ConnectFailed as exc:
             raise WorkerUnreachable(f"worker {self.base_url} unreachable: {exc}") from None
         except ReadTimeout:
             raise DeadlineExceeded(f"worker {self.base_url} did not answer in time") from None
         except ProtocolFailure as exc:
             raise UpstreamError(f"worker request failed: {exc}") from None
+
+    async def _post_lean(
+        self, path: str, body: bytes, headers: dict[str, str] | None, limit: int
+    ) -> bytes:
+        """POST over the HTTP/1.1 pool; the whole answer (at most `limit` bytes) on 200."""
+        response = await self._send(path, body, headers)
         try:
             raw = await response.read(limit)
         except ReadTimeout:

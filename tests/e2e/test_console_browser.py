@@ -106,7 +106,12 @@ def stack() -> Iterator[ThreadedStack]:
 
 
 def wait(driver: Any, condition: Any, timeout: float = 15.0) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(condition)
+    # The console re-renders on every event: an element read mid-render goes stale; retry.
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=[StaleElementReferenceException]
+    ).until(condition)
 
 
 def classes(el: Any) -> set[str]:
@@ -236,10 +241,10 @@ def test_console_draws_the_graph_routes_a_prompt_and_streams_the_answer(
     assert rows(browser) == []
     assert "law" in browser.find_element(By.ID, "dec-empty").text
     node_el(browser, "code").click()  # a click on a node filters too
-    assert rows(browser) == ["root>code"]
+    wait(browser, lambda d: rows(d) == ["root>code"])
     assert browser.find_element(By.ID, "dec-filter").get_attribute("value") == "code"
     node_el(browser, "code").click()  # and a second click clears it
-    assert len(rows(browser)) == 4
+    wait(browser, lambda d: len(rows(d)) == 4)
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "console.png"

@@ -56,7 +56,9 @@ def start_worker(config: Path, log_dir: Path) -> Any:
     only = graph.model_copy(update={"models": {name: graph.models[name]}, "nodes": {}})
     dirs = model_dirs(only, config)
     t0 = time.monotonic()
-    workers = start_workers(only, {name: dirs[name]}, log_dir)
+    # The whole graph, so the worker gets the environment and threads of its role (a
+    # router-only model: 32-token blocks holding the system prefix, no capture, one thread).
+    workers = start_workers(graph, {name: dirs[name]}, log_dir)
     try:
         wait_ready(workers, timeout_s=900)
     except BaseException:

@@ -32,6 +32,11 @@ STOP_GRACE_S = 20.0
 # than spin between the short scoring forwards: spinning threads stole the cores the gateway
 # and the client needed, and /v1/route's tail grew (p90 62 vs ~200 ms with 2 threads).
 ROUTER_ONLY_ENV = {"OCTOGRAPH_WORKER_ENABLE_CAPTURE": "false", "OMP_WAIT_POLICY": "PASSIVE"}
+# ...and one thread is enough: a scoring forward over a query's few tokens is bound by per-op
+# overhead, not arithmetic, and a second thread only adds its wake-ups (16-layer router alone
+# on the 2 cores, /v1/route: p50 50.6 / p90 77 / p99 85 ms with one thread, 56 / 94 / 162
+# with two).
+ROUTER_ONLY_THREADS = 1
 
 
 @dataclass
@@ -92,24 +97,37 @@ def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
     return dirs
 
 
-def worker_env(graph: GraphConfig, model: str) -> dict[str, str]:
-    """Environment a model's worker gets on top of ours, from the model's role in the graph."""
+def _roles(graph: GraphConfig, model: str) -> tuple[bool, bool, bool]:
+    """Whether `model` routes, is an ensemble member, answers (itself or as a member)."""
     routers = {n.model for n in graph.nodes.values() if isinstance(n, RouterNode)}
     members = {
         m.model for n in graph.nodes.values() if isinstance(n, EnsembleNode) for m in n.members
     }
     answering = {n.model for n in graph.nodes.values() if isinstance(n, ModelNode)} | members
+    return model in routers, model in members, model in answering
+
+
+def worker_env(graph: GraphConfig, model: str) -> dict[str, str]:
+    """Environment a model's worker gets on top of ours, from the model's role in the graph."""
+    routes, member, answers = _roles(graph, model)
     env: dict[str, str] = {}
-    if model in routers or model in members:
+    if routes or member:
         env["OCTOGRAPH_WORKER_BLOCK_SIZE"] = str(SCORING_BLOCK_SIZE)
-    if model in routers and model not in answering:
+    if routes and not answers:
         env.update(ROUTER_ONLY_ENV)
     return env
 
 
+def worker_threads(graph: GraphConfig, model: str, workers: int) -> int:
+    """Torch threads of a model's worker: the cores shared out, one for a router-only model."""
+    routes, _, answers = _roles(graph, model)
+    if routes and not answers:
+        return ROUTER_ONLY_THREADS
+    return max(1, (os.cpu_count() or 2) // max(1, workers))
+
+
 def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> list[WorkerProcess]:
     log_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 2) // max(1, len(dirs)))
     workers = []
     for name, path in dirs.items():
         port = free_port()
@@ -127,7 +145,7 @@ def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> l
             "--port",
             str(port),
             "--threads",
-            str(threads),
+            str(worker_threads(graph, name, len(dirs))),
             "--max-model-len",
             str(graph.worker_models()[name].max_model_len),
         ]

@@ -29,6 +29,12 @@ def add_router_commands(sub: Any) -> None:
     b.add_argument("--weight-decay", type=float)
     b.add_argument("--threads", type=int, help="torch threads of the feature pass (default 1)")
     b.add_argument("--layers", type=int, help="keep the first N transformer layers (0: all)")
+    b.add_argument(
+        "--tune-top-mlp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also train the top layer's MLP (scoring-only routers)",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
     b.set_defaults(func=_build)
 
@@ -95,6 +101,7 @@ def _build(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay,
             threads=args.threads,
             layers=args.layers,
+            tune_top_mlp=args.tune_top_mlp,
         )
     except RouterBuildError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import httpx
 import psutil
@@ -112,7 +113,12 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
 
 
 def test_worker_env_follows_the_model_role() -> None:
-    from service.embedded import SCORING_BLOCK_SIZE, worker_env
+    from service.embedded import (
+        ROUTER_ONLY_THREADS,
+        SCORING_BLOCK_SIZE,
+        worker_env,
+        worker_threads,
+    )
     from service.router.graph import parse_graph
 
     graph = parse_graph(
@@ -142,3 +148,8 @@ nodes:
     assert router_only["OCTOGRAPH_WORKER_ENABLE_CAPTURE"] == "false"
     # A router model that also answers keeps byte-level capture (it may be an ensemble member).
     assert worker_env(graph, "both") == {"OCTOGRAPH_WORKER_BLOCK_SIZE": str(SCORING_BLOCK_SIZE)}
+    # Threads: the cores shared out, but a model that only routes runs on one.
+    with patch("os.cpu_count", return_value=8):
+        assert worker_threads(graph, "r", 2) == ROUTER_ONLY_THREADS == 1
+        assert worker_threads(graph, "both", 2) == 4
+        assert worker_threads(graph, "plain", 16) == 1

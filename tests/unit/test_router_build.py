@@ -83,8 +83,10 @@ def build(base: Path, train: Path, out: Path, **kw: object) -> object:
         epochs=int(kw.pop("epochs", 60)),
         seed=int(kw.pop("seed", 0)),
         layers=int(kw.pop("layers", 0)),
+        tune_top_mlp=bool(kw.pop("tune_top_mlp", False)),
     )
-    return build_router(parse_graph(GRAPH), "router", str(base), train, out, options, **kw)
+    graph = str(kw.pop("graph", GRAPH))
+    return build_router(parse_graph(graph), "router", str(base), train, out, options, **kw)
 
 
 def test_build_writes_a_servable_router_dir(tiny_base: Path, train_file: Path, tmp_path: Path):
@@ -153,6 +155,51 @@ def test_layers_option_keeps_the_first_layers(
     assert full.stamp != result.stamp  # the option is part of the build stamp
     with pytest.raises(RouterBuildError, match="has only 2"):
         build(tiny_base, train_file, tmp_path / "deep", layers=3)
+
+
+def test_features_are_what_the_top_of_the_model_computes(tiny_base: Path) -> None:
+    """Training starts from the residual entering the top MLP (prefix-cached, batched, right-
+    padded); the frozen head over it must give the final hidden state a plain forward gives."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from service.router.build import _features, _TopHead
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    prompts = [("octograph", q) for q, _ in ROWS]
+    hidden = _TopHead(model, tune=False)(_features(model, tok, prompts, "test"))
+    with torch.inference_mode():
+        for row, (fmt, query) in enumerate(prompts):
+            ids = torch.tensor([router_prompt_ids(tok, query, fmt)])
+            expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+            torch.testing.assert_close(hidden[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tune_top_mlp_trains_only_the_top_mlp(
+    tiny_base: Path, train_file: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    build(tiny_base, train_file, tmp_path / "a")
+    frozen = load_file(str(tmp_path / "a" / "model.safetensors"))
+    tuned_result = build(tiny_base, train_file, tmp_path / "b", tune_top_mlp=True)
+    tuned = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert tuned_result.stamp != json.loads((tmp_path / "a" / STAMP_NAME).read_text())["stamp"]
+    changed = {
+        n
+        for n in frozen
+        if not n.endswith("embed_tokens.weight") and not (frozen[n] == tuned[n]).all()
+    }
+    assert changed and all(n.startswith("model.layers.1.") for n in changed)
+    assert any(".mlp." in n for n in changed)
+    assert not any("self_attn" in n for n in changed)  # the prefix cache stays valid
+    # It changes what the model generates: refused for a router that generates.
+    generating = GRAPH.replace(
+        "children: [physics, biology]}", "children: [physics, biology], reformat: true}"
+    )
+    with pytest.raises(RouterBuildError, match="reformat"):
+        build(tiny_base, train_file, tmp_path / "c", tune_top_mlp=True, graph=generating)
 
 
 def test_router_system_prompt_fills_whole_kv_blocks() -> None:

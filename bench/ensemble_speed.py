@@ -192,6 +192,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             procs = start_workers(graph, dirs, Path(tempfile.mkdtemp(prefix="octo-bench-")))
             wait_ready(procs)
             urls.update({p.name: p.url for p in procs})
+        # A fresh engine's first requests run slower (allocations, first-seen batch shapes):
+        # one short generation per member first, so that cost lands in neither figure.
+        for m in node.members:
+            await token_speed(urls[m.model], m.model, 8, 10_000)
         # Samples interleave members and ensemble, so drift in the machine's speed hits both.
         members: list[dict[str, Any]] = []
         samples: list[dict[str, Any]] = []

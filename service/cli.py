@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.router.graph import GraphError
 
 
@@ -46,6 +48,7 @@ def _worker(args: argparse.Namespace) -> int:
     from service.config import WorkerSettings
     from service.observability.logging import setup_logging
     from service.serving import Lifecycle, serve
+    from service.worker.affinity import format_cpu_list, usable_cpus
     from service.worker.app import build_worker_app
     from service.worker.engine import Engine
 
@@ -58,11 +61,20 @@ def _worker(args: argparse.Namespace) -> int:
             "served_name": args.served_name,
             "max_model_len": args.max_model_len,
             "threads": args.threads,
+            "cpus": args.cpus,
         }.items()
         if v is not None
     }
     settings = WorkerSettings(**overrides)
     setup_logging(settings.log_level, settings.log_json)
+    cpus = settings.cpu_set()
+    if cpus is not None and not cpus <= set(usable_cpus()):
+        print(
+            f"error: --cpus {settings.cpus}: this process may only use CPUs "
+            f"{format_cpu_list(usable_cpus())}",
+            file=sys.stderr,
+        )
+        return 2
     engine: Engine
     if args.fake:
         from service.worker.fake_engine import FakeEngine
@@ -176,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--port", type=int)
     wk.add_argument("--max-model-len", type=int)
     wk.add_argument("--threads", type=int)
+    wk.add_argument("--cpus", help="pin the engine processes to these cores, e.g. 0-3,8")
     wk.add_argument("--fake", action="store_true", help="no model: deterministic canned tokens")
     wk.add_argument("--fake-token-delay", type=float)
     wk.add_argument("--fake-reply-words", type=int, help="--fake: tokens in each reply")
@@ -221,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except GraphError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # settings from flags or OCTOGRAPH_* variables
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"error: invalid {exc.title}: {problems}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

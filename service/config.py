@@ -6,8 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.worker.affinity import parse_cpu_list
 
 
 class GatewaySettings(BaseSettings):
@@ -57,6 +59,11 @@ class WorkerSettings(BaseSettings):
     max_num_seqs: PositiveInt = 64
     dtype: str = "bfloat16"
     threads: int | None = Field(None, description="CPU threads for the engine (CPU builds)")
+    cpus: str | None = Field(
+        None,
+        description="pin the engine's processes to these cores, a Linux CPU list such as "
+        "'0-3,8' (None: unpinned); see service.worker.affinity",
+    )
     kv_cache_gib: PositiveFloat = 2.0
     # KV block size (None: vLLM's default, 128 tokens on CPU). Prefix caching reuses whole
     # blocks only, so 32 lets a router worker keep its 64-token system prefix cached (routing
@@ -87,3 +94,13 @@ class WorkerSettings(BaseSettings):
     fake_reply_words: PositiveInt = Field(12, description="--fake workers only: tokens a reply")
     log_json: bool = True
     log_level: str = "INFO"
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_list(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_cpu_list(value)  # ValueError -> a settings error naming the field
+        return value
+
+    def cpu_set(self) -> frozenset[int] | None:
+        return None if self.cpus is None else parse_cpu_list(self.cpus)

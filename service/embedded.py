@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -20,6 +21,7 @@ import httpx
 
 from service.config import GatewaySettings
 from service.router.graph import EnsembleNode, GraphConfig, ModelNode, RouterNode, load_graph
+from service.worker.affinity import format_cpu_list, usable_cpus
 
 READY_TIMEOUT_S = 900.0
 # KV block size of workers that score (WorkerSettings.block_size): routers keep their 64-token
@@ -118,17 +120,48 @@ def worker_env(graph: GraphConfig, model: str) -> dict[str, str]:
     return env
 
 
-def worker_threads(graph: GraphConfig, model: str, workers: int) -> int:
-    """Torch threads of a model's worker: the cores shared out, one for a router-only model."""
-    routes, _, answers = _roles(graph, model)
-    if routes and not answers:
-        return ROUTER_ONLY_THREADS
-    return max(1, (os.cpu_count() or 2) // max(1, workers))
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker's engine runs: its torch threads, and the cores its engine processes
+    are pinned to (None: unpinned; see service.worker.affinity for why pinning matters)."""
+
+    threads: int
+    cpus: frozenset[int] | None = None
+
+
+def plan_placement(
+    graph: GraphConfig, names: Sequence[str], cpus: Sequence[int]
+) -> dict[str, Placement]:
+    """Share `cpus` among the workers of `names`.
+
+    A model that only routes gets one thread and no pinning (short forwards between the
+    others' steps). The other workers get disjoint, equal slices of the cores, one thread per
+    core, when there are at least two of them and a core each: an ensemble step runs its
+    members' forwards at once, and unpinned they slow each other down (affinity.py). Otherwise
+    every worker gets its share of the cores as threads, unpinned.
+    """
+    placement: dict[str, Placement] = {}
+    pinned = []
+    for name in names:
+        routes, _, answers = _roles(graph, name)
+        if routes and not answers:
+            placement[name] = Placement(ROUTER_ONLY_THREADS)
+        else:
+            pinned.append(name)
+    if len(pinned) >= 2 and len(cpus) >= len(pinned):
+        per = len(cpus) // len(pinned)
+        for i, name in enumerate(pinned):
+            placement[name] = Placement(per, frozenset(cpus[i * per : (i + 1) * per]))
+    else:
+        for name in pinned:
+            placement[name] = Placement(max(1, len(cpus) // max(1, len(names))))
+    return placement
 
 
 def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> list[WorkerProcess]:
     log_dir.mkdir(parents=True, exist_ok=True)
     workers = []
+    placement = plan_placement(graph, list(dirs), usable_cpus())
     for name, path in dirs.items():
         port = free_port()
         log_path = log_dir / f"worker-{name}.log"
@@ -145,10 +178,13 @@ def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> l
             "--port",
             str(port),
             "--threads",
-            str(worker_threads(graph, name, len(dirs))),
+            str(placement[name].threads),
             "--max-model-len",
             str(graph.worker_models()[name].max_model_len),
         ]
+        cpus = placement[name].cpus
+        if cpus is not None:
+            cmd += ["--cpus", format_cpu_list(cpus)]
         if graph.worker_models()[name].engine == "fake":
             cmd.append("--fake")
         env = {**os.environ, "OCTOGRAPH_WORKER_LOG_JSON": "true", **worker_env(graph, name)}

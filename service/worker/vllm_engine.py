@@ -11,6 +11,7 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from service.protocol.internal import (
     TokenLogprobEvent,
     WorkerInfo,
 )
+from service.worker.affinity import on_cpus
 from service.worker.byte_dist import ByteDistScorer
 from service.worker.engine import PreparedPrompt, asks_reproducible
 from service.worker.prompts import check_context, prompt_token_ids
@@ -149,9 +151,10 @@ class VLLMEngine:
         processors = self._start_capture_channel()
         # Building the engine loads weights in the engine-core child (seconds to minutes) and
         # blocks while it does: off the event loop, so /livez keeps answering meanwhile.
+        cpus = self._settings.cpu_set()
         try:
             self._llm = await asyncio.to_thread(
-                AsyncLLM.from_engine_args, self._engine_args(processors)
+                on_cpus, cpus, partial(AsyncLLM.from_engine_args, self._engine_args(processors))
             )
         except Exception:
             if not processors:
@@ -159,7 +162,9 @@ class VLLMEngine:
             # Ordinary generation must never depend on capture: start again without it.
             log.exception("engine failed to start with the capture processor; retrying without")
             self._stop_capture_channel()
-            self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self._engine_args([]))
+            self._llm = await asyncio.to_thread(
+                on_cpus, cpus, partial(AsyncLLM.from_engine_args, self._engine_args([]))
+            )
         if self._capture is not None:
             self._byte_scorer_task = asyncio.create_task(self._load_byte_scorer())
             self._byte_scorer_task.add_done_callback(_log_byte_scorer_failure)

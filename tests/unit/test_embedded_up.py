@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from unittest.mock import patch
 
 import httpx
 import psutil
@@ -116,8 +115,9 @@ def test_worker_env_follows_the_model_role() -> None:
     from service.embedded import (
         ROUTER_ONLY_THREADS,
         SCORING_BLOCK_SIZE,
+        Placement,
+        plan_placement,
         worker_env,
-        worker_threads,
     )
     from service.router.graph import parse_graph
 
@@ -148,8 +148,18 @@ nodes:
     assert router_only["OCTOGRAPH_WORKER_ENABLE_CAPTURE"] == "false"
     # A router model that also answers keeps byte-level capture (it may be an ensemble member).
     assert worker_env(graph, "both") == {"OCTOGRAPH_WORKER_BLOCK_SIZE": str(SCORING_BLOCK_SIZE)}
-    # Threads: the cores shared out, but a model that only routes runs on one.
-    with patch("os.cpu_count", return_value=8):
-        assert worker_threads(graph, "r", 2) == ROUTER_ONLY_THREADS == 1
-        assert worker_threads(graph, "both", 2) == 4
-        assert worker_threads(graph, "plain", 16) == 1
+    # Placement: a model that only routes runs one thread, unpinned; the others get disjoint
+    # slices of the cores when there is a core each...
+    names = ["r", "both", "leaf", "member", "plain"]
+    eight = plan_placement(graph, names, list(range(8)))
+    assert eight["r"] == Placement(ROUTER_ONLY_THREADS) and ROUTER_ONLY_THREADS == 1
+    slices = [eight[n].cpus for n in names[1:]]
+    assert all(s is not None and len(s) == 2 for s in slices)
+    assert frozenset().union(*(s for s in slices if s)) == frozenset(range(8))
+    assert all(eight[n].threads == 2 for n in names[1:])
+    # ...and share the cores out as threads, unpinned, when there is not.
+    two = plan_placement(graph, names, [0, 1])
+    assert all(two[n] == Placement(1) for n in names)
+    # One answering worker has nobody to be kept apart from.
+    alone = plan_placement(graph, ["r", "leaf"], list(range(8)))
+    assert alone == {"r": Placement(1), "leaf": Placement(4)}

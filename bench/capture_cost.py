@@ -44,8 +44,8 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 import numpy as np  # noqa: E402
 
-from service.ensemble.byte_tables import TokenByteTable  # noqa: E402
-from service.ensemble.reduction import Prepared, reduce_prepared  # noqa: E402
+from service.bytelevel.byte_tables import TokenByteTable  # noqa: E402
+from service.bytelevel.reduction import Prepared, reduce_prepared  # noqa: E402
 from service.models import packaged  # noqa: E402
 from service.protocol.internal import ByteDistRequest, ByteQuery  # noqa: E402
 from service.worker.byte_dist import ByteDistScorer  # noqa: E402

@@ -42,14 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.embedded import WorkerProcess, start_workers, stop_workers, wait_ready  # noqa: E402
-from service.ensemble.remote import PoolReducer  # noqa: E402
-from service.ensemble.runner import EnsembleRunner  # noqa: E402
+from service.gateway.clients.pool import WorkerPools  # noqa: E402
+from service.gateway.clients.worker import make_http_client  # noqa: E402
 from service.gateway.pipeline import RequestContext  # noqa: E402
+from service.gateway.runners.byte_oracle import PoolReducer  # noqa: E402
+from service.gateway.runners.ensemble import EnsembleRunner  # noqa: E402
+from service.graph.schema import EnsembleNode, load_graph  # noqa: E402
 from service.observability.metrics import GatewayMetrics  # noqa: E402
 from service.protocol.internal import GenerateRequest, SamplingOptions  # noqa: E402
-from service.router.graph import EnsembleNode, load_graph  # noqa: E402
-from service.worker.client import make_http_client  # noqa: E402
-from service.worker.pool import WorkerPools  # noqa: E402
 
 # Time spent waiting on each model's byte-dist calls (the bench wraps the reducer).
 CALLS: dict[str, dict[str, float]] = {}

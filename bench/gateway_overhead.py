@@ -364,7 +364,8 @@ class Stack:
 
 
 class OpenAIStack(Stack):
-    """`--upstream openai`: an OpenAI-compatible fake server (service/remote/fake_upstream.py)
+    """`--upstream openai`: an OpenAI-compatible fake server
+    (service/gateway/clients/fake_upstream.py)
     as a `kind: openai` model behind the gateway. "direct" is the same chat request sent to
     the upstream itself, so the difference is what the gateway costs as an OpenAI proxy (the
     figure to compare with LiteLLM or any other proxy in front of the same upstream)."""
@@ -383,7 +384,7 @@ class OpenAIStack(Stack):
         )
         py = sys.executable
         self.worker = spawn(
-            [py, "-m", "service.remote.fake_upstream", "--port", str(self.worker_port),
+            [py, "-m", "service.gateway.clients.fake_upstream", "--port", str(self.worker_port),
              "--words", str(args.long_tokens)],
             tmp / "upstream.log",
             self.other_core,
@@ -695,7 +696,7 @@ PROFILE_AREAS = (  # first match on the sample's leaf frame wins
     ("starlette (middleware stack, routing, responses)", ("starlette/",)),
     ("fastapi (request handler, dependencies, body)", ("fastapi/",)),
     ("pydantic (validation, serialization)", ("pydantic", "email/")),
-    ("worker client (service/worker/http11.py + client.py)", ("service/worker/",)),
+    ("worker client (service/gateway/clients/http11.py + client.py)", ("service/worker/",)),
     ("gateway pipeline, streams, SSE (service/gateway/)", ("service/gateway/",)),
     ("routing policy (service/router/)", ("service/router/",)),
     ("console recorder (service/console/)", ("service/console/",)),

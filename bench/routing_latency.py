@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.router.eval import latency_percentiles  # noqa: E402
+from service.training.router_eval import latency_percentiles  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -46,7 +46,7 @@ def load_rows(path: Path) -> list[dict[str, str]]:
 def start_worker(config: Path, log_dir: Path) -> Any:
     """One vLLM worker on the graph's router model (built first when missing)."""
     from service.embedded import model_dirs, start_workers, stop_workers, wait_ready
-    from service.router.graph import RouterNode, load_graph
+    from service.graph.schema import RouterNode, load_graph
 
     graph = load_graph(config)
     router_models = sorted({n.model for n in graph.nodes.values() if isinstance(n, RouterNode)})

@@ -11,14 +11,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.router.graph import GraphError
+from service.graph.schema import GraphError
 
 
 def _gateway(args: argparse.Namespace) -> int:
     from service.config import GatewaySettings
     from service.gateway.app import build_gateway_app
+    from service.graph.schema import load_graph
     from service.observability.logging import setup_logging
-    from service.router.graph import load_graph
     from service.serving import Lifecycle, serve
 
     overrides: dict[str, Any] = {
@@ -45,10 +45,10 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from service.affinity import format_cpu_list, usable_cpus
     from service.config import WorkerSettings
     from service.observability.logging import setup_logging
     from service.serving import Lifecycle, serve
-    from service.worker.affinity import format_cpu_list, usable_cpus
     from service.worker.app import build_worker_app
     from service.worker.engine import Engine
 
@@ -106,9 +106,9 @@ def _up(args: argparse.Namespace) -> int:
 def _build_graph_routers(config_path: Path, cache: Path | None) -> int:
     """Build the graph's router models that have a `build:` section (skipped when unchanged),
     so one `models prepare --graph` readies everything a deployment's workers load."""
+    from service.graph.schema import GraphError, parse_graph
     from service.models import packaged
-    from service.router.build import build_router_from_spec
-    from service.router.graph import GraphError, parse_graph
+    from service.training.router_build import build_router_from_spec
 
     try:
         graph = parse_graph(config_path.read_text(), str(config_path))
@@ -153,8 +153,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _graph(args: argparse.Namespace) -> int:
-    from service.router.graph import load_graph
-    from service.router.show import render_tree
+    from service.graph.schema import load_graph
+    from service.graph.show import render_tree
 
     graph = load_graph(Path(args.file))
     if args.graph_cmd == "check":
@@ -212,13 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     gr.set_defaults(func=_graph)
 
     try:
-        from service.router.cli import add_router_commands
+        from service.training.router_cli import add_router_commands
 
         add_router_commands(sub)
     except ImportError:
         pass
     try:
-        from service.ensemble.cli import add_ensemble_commands
+        from service.training.ensemble_cli import add_ensemble_commands
 
         add_ensemble_commands(sub)
     except ImportError:

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.worker.affinity import parse_cpu_list
+from service.affinity import parse_cpu_list
 
 
 class GatewaySettings(BaseSettings):
@@ -22,10 +22,17 @@ class GatewaySettings(BaseSettings):
         None, description="serve /metrics on this separate port instead of behind auth"
     )
 
-    # Admission: refuse instead of queueing without bound.
+    # Admission, in sequences (a request's prompts x n): refuse instead of queueing.
     max_inflight: PositiveInt = 256
     max_inflight_per_node: PositiveInt = 128
+    max_inflight_per_key: PositiveInt | None = None
+    max_request_sequences: PositiveInt = Field(
+        64, description="prompts x n of one request; more is refused with a 400"
+    )
     max_body_bytes: PositiveInt = 2 * 1024 * 1024
+    body_timeout_s: PositiveFloat = Field(
+        15.0, description="a request body must arrive within this; 408 after it"
+    )
 
     # Deadlines: every request and every worker call is bounded.
     request_timeout_s: PositiveFloat = 300.0
@@ -41,8 +48,9 @@ class GatewaySettings(BaseSettings):
     # Auth: empty = open (embedded default, loopback only).
     api_keys: list[SecretStr] = Field(default_factory=list)
     api_keys_file: Path | None = None
-    rate_limit_rpm: int | None = None
-    rate_limit_tpm: int | None = None
+    rate_limit_rpm: PositiveInt | None = Field(
+        None, description="sequences per minute per API key (a request weighs prompts x n)"
+    )
 
     log_json: bool = True
     log_level: str = "INFO"
@@ -62,7 +70,7 @@ class WorkerSettings(BaseSettings):
     cpus: str | None = Field(
         None,
         description="pin the engine's processes to these cores, a Linux CPU list such as "
-        "'0-3,8' (None: unpinned); see service.worker.affinity",
+        "'0-3,8' (None: unpinned); see service.affinity",
     )
     kv_cache_gib: PositiveFloat = 2.0
     # KV block size (None: vLLM's default, 128 tokens on CPU). Prefix caching reuses whole

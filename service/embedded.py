@@ -19,9 +19,9 @@ from typing import IO
 
 import httpx
 
+from service.affinity import format_cpu_list, usable_cpus
 from service.config import GatewaySettings
-from service.router.graph import EnsembleNode, GraphConfig, ModelNode, RouterNode, load_graph
-from service.worker.affinity import format_cpu_list, usable_cpus
+from service.graph.schema import EnsembleNode, GraphConfig, ModelNode, RouterNode, load_graph
 
 READY_TIMEOUT_S = 900.0
 # KV block size of workers that score (WorkerSettings.block_size): routers keep their 64-token
@@ -91,7 +91,7 @@ def model_dirs(graph: GraphConfig, config_path: Path) -> dict[str, Path]:
             if not path.is_absolute() and not path.exists():
                 path = packaged.default_cache_dir() / spec.path
             if not (path / "config.json").is_file() and spec.build is not None:
-                from service.router.build import build_router_from_spec
+                from service.training.router_build import build_router_from_spec
 
                 say(f"building router model '{name}' (first run only)")
                 build_router_from_spec(graph, config_path, spec.build, path)
@@ -123,7 +123,7 @@ def worker_env(graph: GraphConfig, model: str) -> dict[str, str]:
 @dataclass(frozen=True)
 class Placement:
     """Where a worker's engine runs: its torch threads, and the cores its engine processes
-    are pinned to (None: unpinned; see service.worker.affinity for why pinning matters)."""
+    are pinned to (None: unpinned; see service.affinity for why pinning matters)."""
 
     threads: int
     cpus: frozenset[int] | None = None

@@ -1,11 +1,15 @@
-"""The one error taxonomy. Every failure a client can see is a ServiceError subclass; the
-gateway and the workers map them to HTTP status + OpenAI error body in exactly one place
-(`service.gateway.errors_http`)."""
+"""The one error taxonomy. Every failure a client can see is a ServiceError subclass, and it is
+rendered in exactly one place: `render` gives the status, headers and OpenAI error body of a
+JSON reply, `sse_event` the same body as a stream's error event (TGI's `InferError` -> status
+and SSE event). Gateway and workers, every lane and every node kind, use these two.
+"""
 
 from __future__ import annotations
 
 import re
 from typing import ClassVar
+
+import orjson
 
 
 class ServiceError(Exception):
@@ -42,6 +46,10 @@ class Unauthorized(ServiceError):
     status, type = 401, "authentication_error"
 
 
+class MethodNotAllowed(ServiceError):
+    status, type = 405, "invalid_request_error"
+
+
 class NotFound(ServiceError):
     status, type = 404, "not_found_error"
 
@@ -72,8 +80,10 @@ class DeadlineExceeded(ServiceError):
     status, type = 504, "timeout"
 
 
-class NotImplementedFeature(ServiceError):
-    status, type = 501, "not_implemented"
+class RequestTimeout(ServiceError):
+    """The client did not send its request body in time."""
+
+    status, type = 408, "timeout"
 
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
@@ -94,3 +104,17 @@ def error_from_status(status: int, message: str, code: str | None = None) -> Ser
         if cls.status == status:
             return cls(message, code=code)
     return UpstreamError(message, code=code)
+
+
+def render(error: ServiceError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(status, headers, body) of the JSON reply for `error`: the only place a failure becomes
+    an HTTP response (ASGI middleware, the front door and FastAPI's handlers all call it)."""
+    headers = [(b"content-type", b"application/json")]
+    if isinstance(error, Overloaded):
+        headers.append((b"retry-after", str(max(1, round(error.retry_after_s))).encode()))
+    return error.status, headers, orjson.dumps(error.to_body())
+
+
+def sse_event(error: ServiceError) -> bytes:
+    """The same body as a stream's error event, for failures after the first byte."""
+    return b"data: " + orjson.dumps(error.to_body()) + b"\n\n"

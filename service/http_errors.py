@@ -1,35 +1,37 @@
-"""The one place where failures become HTTP responses (gateway and workers alike)."""
+"""FastAPI's side of the one error renderer (`errors.render`), for gateway and workers alike."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import (
     BadRequest,
+    MethodNotAllowed,
     NotFound,
-    Overloaded,
     ServiceError,
     error_from_status,
+    render,
 )
 
 log = logging.getLogger(__name__)
 
 
-def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> JSONResponse:
-    hdrs = dict(headers or {})
-    if isinstance(error, Overloaded):
-        hdrs["Retry-After"] = str(max(1, round(error.retry_after_s)))
-    return JSONResponse(error.to_body(), status_code=error.status, headers=hdrs)
+def error_response(error: ServiceError, headers: dict[str, str] | None = None) -> Response:
+    status, base, body = render(error)
+    hdrs = {k.decode(): v.decode() for k, v in base}
+    hdrs.update(headers or {})
+    return Response(body, status_code=status, headers=hdrs)
 
 
-def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """Built from exc.errors(), never str(exc): that one can carry server file paths."""
-    errors = exc.errors()
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """Built from the errors list, never str(exc): that one can carry server file paths."""
     if not errors:
         return "invalid request", None
     first = errors[0]
@@ -40,6 +42,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     if first.get("type") in ("model_attributes_type", "model_type") or (not loc and "dict" in msg):
         return "the request body must be a JSON object", None
+    if first.get("type") in ("string_unicode", "unicode_error") or "surrogate" in msg:
+        return "the request body is not valid UTF-8 text", param
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
 
@@ -51,7 +55,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-        message, param = validation_message(exc)
+        message, param = validation_message(exc.errors())
         return error_response(BadRequest(message, param=param))
 
     @app.exception_handler(StarletteHTTPException)
@@ -59,8 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             return error_response(NotFound("no such route"))
         if exc.status_code == 405:
-            err = BadRequest("method not allowed on this route")
-            return JSONResponse(err.to_body(), status_code=405)
+            return error_response(MethodNotAllowed("method not allowed on this route"))
         return error_response(error_from_status(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)

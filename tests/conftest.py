@@ -17,7 +17,7 @@ import uvicorn
 
 from service.config import GatewaySettings
 from service.gateway.app import build_gateway_app
-from service.router.graph import GraphConfig, parse_graph
+from service.graph.schema import GraphConfig, parse_graph
 from service.serving import Lifecycle
 from service.worker.app import build_worker_app
 from service.worker.fake_engine import FakeEngine

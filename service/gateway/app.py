@@ -5,26 +5,35 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel
 
 from service.config import GatewaySettings
-from service.console.stats import ConsoleStats
+from service.gateway.admission import Admission
 from service.gateway.auth import ApiKeys
-from service.gateway.fast_lane import FastLane
+from service.gateway.clients.pool import WorkerPools
+from service.gateway.clients.upstream import upstream_clients
+from service.gateway.clients.worker import make_http_client
+from service.gateway.console.stats import ConsoleStats
+from service.gateway.front_door import FrontDoor
 from service.gateway.middleware import GatewayMiddleware
+from service.gateway.observer import Observers
 from service.gateway.pipeline import Pipeline
 from service.gateway.routes import console as console_routes
 from service.gateway.routes import health, openai_routes
+from service.gateway.routing import Router
+from service.gateway.runners.base import NodeRunner
+from service.gateway.runners.ensemble import EnsembleRunner
+from service.gateway.runners.local import LocalRunner
+from service.gateway.runners.remote import RemoteRunner
+from service.graph.schema import GraphConfig, RouterNode
 from service.http_errors import install_error_handlers
 from service.observability.metrics import GatewayMetrics
-from service.remote.client import upstream_clients
-from service.router.graph import GraphConfig, RouterNode
-from service.router.policy import Router
+from service.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from service.serving import Lifecycle
-from service.worker.client import make_http_client
-from service.worker.pool import WorkerPools
 
 
 @dataclass
@@ -37,6 +46,7 @@ class GatewayState:
     registry: CollectorRegistry
     metrics: GatewayMetrics
     console: ConsoleStats  # recent requests and routing decisions shown at /console
+    ensembles: EnsembleRunner
 
     @property
     def required_models(self) -> set[str]:
@@ -72,20 +82,43 @@ def build_gateway_app(
         upstreams=upstream_clients(graph),  # kind: openai models (service/remote/)
     )
     router = Router(graph, pools, metrics)
-    from service.ensemble.runner import EnsembleRunner
-
-    ensembles = EnsembleRunner(graph, pools, metrics)
-    pipeline = Pipeline(graph, pools, router, metrics, settings, ensembles=ensembles)
+    idle = settings.stream_idle_timeout_s
+    ensembles = EnsembleRunner(graph, pools, metrics, idle_timeout_s=idle)
+    # The registry of node kinds, asked in order: a new kind is one runner and one line here.
+    runners: list[NodeRunner] = [
+        ensembles,
+        RemoteRunner(graph, pools, metrics),
+        LocalRunner(pools, metrics, idle),
+    ]
+    admission = Admission(
+        metrics,
+        max_inflight=settings.max_inflight,
+        max_inflight_per_node=settings.max_inflight_per_node,
+        max_inflight_per_key=settings.max_inflight_per_key,
+        rate_limit_rpm=settings.rate_limit_rpm,
+    )
     # Series only for the graph's ids: the recorder's memory is bounded by the graph.
-    console = ConsoleStats([*graph.nodes, *graph.models])
-    pipeline.console = console
-    state = GatewayState(settings, graph, pools, pipeline, lifecycle, registry, metrics, console)
+    ids = [*graph.nodes, *graph.models]
+    console = ConsoleStats(ids)
+    observers = Observers(metrics, console, frozenset(ids))
+    pipeline = Pipeline(
+        graph,
+        router,
+        runners,
+        admission,
+        observers,
+        max_request_sequences=settings.max_request_sequences,
+    )
+    state = GatewayState(
+        settings, graph, pools, pipeline, lifecycle, registry, metrics, console, ensembles
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pools.probe_once()
         pools.start()
         yield
+        ensembles.close()
         await pools.stop()
         await http.aclose()
 
@@ -96,24 +129,77 @@ def build_gateway_app(
         lifespan=lifespan,
     )
     app.state.gateway = state
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(openai_routes.router)
     app.include_router(console_routes.router)
-    # Added before GatewayMiddleware, so it runs inside it (auth, admission, request ids).
-    app.add_middleware(FastLane, state=state)
-    keys = ApiKeys(
-        [k.get_secret_value() for k in settings.api_keys],
-        settings.api_keys_file,
-        rate_limit_rpm=settings.rate_limit_rpm,
-    )
+    # Added before GatewayMiddleware, so it runs inside it (auth, request ids, draining).
+    app.add_middleware(FrontDoor, state=state)
+    keys = ApiKeys([k.get_secret_value() for k in settings.api_keys], settings.api_keys_file)
     app.add_middleware(
         GatewayMiddleware,
         keys=keys,
         lifecycle=lifecycle,
-        metrics=metrics,
-        max_inflight=settings.max_inflight,
         max_body_bytes=settings.max_body_bytes,
         metrics_open=settings.metrics_port is None and not keys.enabled,
     )
     return app
+
+
+GENERATION_OPERATIONS: dict[str, tuple[str, type[BaseModel], str]] = {
+    "/v1/chat/completions": ("chat_completions", ChatCompletionRequest, "Chat completion"),
+    "/v1/completions": ("completions", CompletionRequest, "Text completion"),
+}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document plus the two generation operations, which the front door serves
+    (front_door.py) and no FastAPI handler does: described here, not implemented twice."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    components.setdefault("ErrorResponse", ErrorResponse.model_json_schema(ref_template=_REF))
+    for path, (op_id, model, summary) in GENERATION_OPERATIONS.items():
+        model_schema = model.model_json_schema(ref_template=_REF)
+        for name, sub in model_schema.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components[model.__name__] = model_schema
+        schema.setdefault("paths", {})[path] = {
+            "post": {
+                "operationId": op_id,
+                "summary": summary,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "a JSON body, or an SSE stream with `stream: true`",
+                        "content": {"application/json": {}, "text/event-stream": {}},
+                    },
+                    **{
+                        code: {
+                            "description": "error",
+                            "content": {"application/json": {"schema": error_ref}},
+                        }
+                        for code in ("400", "404", "429", "503")
+                    },
+                },
+            }
+        }
+    app.openapi_schema = schema
+    return schema
+
+
+_REF = "#/components/schemas/{model}"

@@ -9,10 +9,9 @@ import hmac
 import logging
 import os
 import time
-from collections import deque
 from pathlib import Path
 
-from service.errors import Overloaded, ServiceError, Unauthorized
+from service.errors import ServiceError, Unauthorized
 
 log = logging.getLogger(__name__)
 FILE_CHECK_INTERVAL_S = 1.0
@@ -27,16 +26,12 @@ class ApiKeys:
         self,
         keys: list[str],
         keys_file: Path | None = None,
-        *,
-        rate_limit_rpm: int | None = None,
     ) -> None:
         self._static = [_digest(k) for k in keys if k]
         self._file = keys_file
         self._file_digests: list[bytes] = []
         self._file_mtime: float | None = None
         self._checked_at = 0.0
-        self._rpm = rate_limit_rpm
-        self._hits: dict[bytes, deque[float]] = {}
         self._reload(force=True)
 
     @property
@@ -64,36 +59,19 @@ class ApiKeys:
         self._file_mtime = mtime
         log.info("api keys loaded", extra={"count": len(keys)})
 
-    def check(self, authorization: str | None, path: str) -> ServiceError | None:
-        """None when allowed; the error to send otherwise."""
+    def authenticate(self, authorization: str | None) -> tuple[str | None, ServiceError | None]:
+        """(the key's identity, None) when allowed (identity None in open mode), else
+        (None, the error to send). The identity is a digest prefix, never the key."""
         self._reload()
         if not self.enabled:
-            return None
+            return None, None
         if not authorization or not authorization.lower().startswith("bearer "):
-            return Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+            return None, Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         given = _digest(authorization[7:].strip())
         ok = False
         for known in (*self._static, *self._file_digests):
             # No early exit: the time taken does not depend on which key matched.
             ok |= hmac.compare_digest(given, known)
         if not ok:
-            return Unauthorized("invalid API key")
-        if self._rpm and path.startswith("/v1/"):
-            return self._rate_limit(given)
-        return None
-
-    def _rate_limit(self, key: bytes) -> ServiceError | None:
-        assert self._rpm is not None
-        now = time.monotonic()
-        hits = self._hits.setdefault(key, deque())
-        while hits and now - hits[0] > 60.0:
-            hits.popleft()
-        if len(hits) >= self._rpm:
-            retry = 60.0 - (now - hits[0])
-            return Overloaded(
-                "rate limit reached for this API key",
-                retry_after_s=retry,
-                code="rate_limit_exceeded",
-            )
-        hits.append(now)
-        return None
+            return None, Unauthorized("invalid API key")
+        return given.hex()[:16], None

@@ -1,5 +1,6 @@
 """Pure-ASGI middleware (not BaseHTTPMiddleware, which breaks streaming and cancellation):
-request ids, auth, body-size limit, draining and global admission, in that order."""
+request ids, auth, body-size limit and draining, in that order. Admission is not here: it
+weighs a request by its cost, known only once its body has arrived (pipeline.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,8 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-import orjson
-
-from service.errors import (
-    Overloaded,
-    PayloadTooLarge,
-    ServiceError,
-    Unavailable,
-)
+from service.errors import PayloadTooLarge, ServiceError, Unavailable, render
 from service.gateway.auth import ApiKeys
-from service.observability.metrics import GatewayMetrics
 from service.serving import Lifecycle
 
 Scope = MutableMapping[str, Any]
@@ -36,11 +29,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 async def send_error(
     send: Send, error: ServiceError, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    headers = [(b"content-type", b"application/json"), *(extra or [])]
-    if isinstance(error, Overloaded):
-        headers.append((b"retry-after", str(max(1, round(error.retry_after_s))).encode()))
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": orjson.dumps(error.to_body())})
+    status, headers, body = render(error)
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [*headers, *(extra or [])]}
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 class GatewayMiddleware:
@@ -50,16 +43,12 @@ class GatewayMiddleware:
         *,
         keys: ApiKeys,
         lifecycle: Lifecycle,
-        metrics: GatewayMetrics,
-        max_inflight: int,
         max_body_bytes: int,
         metrics_open: bool,
     ) -> None:
         self.app = app
         self.keys = keys
         self.lifecycle = lifecycle
-        self.metrics = metrics
-        self.max_inflight = max_inflight
         self.max_body = max_body_bytes
         self.open_paths = OPEN_PATHS | ({"/metrics"} if metrics_open else set())
 
@@ -79,10 +68,11 @@ class GatewayMiddleware:
 
         path: str = scope["path"]
         if path not in self.open_paths and not path.startswith(OPEN_PREFIXES):
-            error = self.keys.check(_header(scope, b"authorization"), path)
+            key, error = self.keys.authenticate(_header(scope, b"authorization"))
             if error is not None:
                 await send_error(send_with_id, error, [(b"www-authenticate", b"Bearer")])
                 return
+            scope["state"]["api_key"] = key  # who, for per-key limits (admission.py)
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await send_error(
@@ -94,18 +84,15 @@ class GatewayMiddleware:
             await self.app(scope, _limited(receive, self.max_body), send_with_id)
             return
         if self.lifecycle.draining:
-            await send_error(send_with_id, Unavailable("the gateway is shutting down"))
+            await send_error(
+                send_with_id, Unavailable("the gateway is shutting down", code="draining")
+            )
             return
-        if self.lifecycle.inflight >= self.max_inflight:
-            self.metrics.rejected.labels("gateway").inc()
-            await send_error(send_with_id, Overloaded("the gateway is at capacity; retry shortly"))
-            return
+        # Counted for the drain (in-flight requests finish before the process exits).
         self.lifecycle.enter()
-        self.metrics.inflight.inc()
         try:
             await self.app(scope, _limited(receive, self.max_body), send_with_id)
         finally:
-            self.metrics.inflight.dec()
             self.lifecycle.leave()
 
     @staticmethod
@@ -121,10 +108,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if k == name:
             return bytes(v).decode("latin-1")
     return None
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

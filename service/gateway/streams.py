@@ -1,7 +1,7 @@
-"""Worker event streams -> OpenAI bodies and SSE.
+"""Worker event streams, checked and merged: one stream of the gateway's events per request.
 
-Hot path: events are plain dicts from orjson, chunks are dicts serialized once with orjson;
-no pydantic model is built per chunk.
+Hot path: events are plain dicts from orjson; no pydantic model is built per event. The reply
+renderer (reply.py) turns the merged stream into JSON or SSE.
 """
 
 from __future__ import annotations
@@ -9,28 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
 
-import orjson
-
-from service.errors import DeadlineExceeded, ServiceError, UpstreamError, error_from_status
-from service.gateway.openai_format import (
-    Choice,
-    CompletionLogprobs,
-    Kind,
-    ResponseHeader,
-    chat_logprob_entries,
-    final_body,
-    usage,
-)
+from service.errors import DeadlineExceeded, error_from_status
 from service.protocol.internal import GenerateEvent
 
 log = logging.getLogger(__name__)
 
 EventStream = AsyncIterator[GenerateEvent]
-DONE = b"data: [DONE]\n\n"
 MERGE_QUEUE_BOUND = 256
 
 
@@ -65,7 +51,9 @@ class _IdleWatchdog:
         self.handle.cancel()
 
 
-async def _timed(stream: EventStream, idle_s: float, first_index: int, job: int) -> EventStream:
+async def _timed(
+    stream: EventStream, idle_s: float, first_index: int, job: int, first: GenerateEvent | None
+) -> EventStream:
     """One worker stream, checked and renumbered: each event must arrive within idle_s of the
     previous one (a stalled worker ends the request instead of holding it forever); error
     events become exceptions; choice indexes are offset to the job's first choice, and `start`
@@ -74,6 +62,10 @@ async def _timed(stream: EventStream, idle_s: float, first_index: int, job: int)
     watchdog = _IdleWatchdog(idle_s)
     time_now = watchdog.loop.time
     try:
+        if first is not None:  # already read while the stream was opened (retry rule)
+            if first["type"] == "start":
+                first["index"] = job
+            yield first
         while True:
             watchdog.waiting_since = time_now()
             try:
@@ -103,10 +95,16 @@ async def _timed(stream: EventStream, idle_s: float, first_index: int, job: int)
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-def merge_jobs(streams: list[tuple[int, EventStream]], *, idle_timeout_s: float) -> EventStream:
+Job = tuple[int, GenerateEvent | None, EventStream]  # (first choice index, first event, stream)
+
+
+def merge_jobs(streams: Sequence[Job], *, idle_timeout_s: float) -> EventStream:
     """One event stream from the worker streams of a request (completions with several
     prompts have several); a single stream is passed through without another layer."""
-    timed = [_timed(s, idle_timeout_s, first, job) for job, (first, s) in enumerate(streams)]
+    timed = [
+        _timed(s, idle_timeout_s, index, job, first)
+        for job, (index, first, s) in enumerate(streams)
+    ]
     if len(timed) == 1:
         return timed[0]
     return interleave(timed)
@@ -143,163 +141,3 @@ async def interleave(timed: list[EventStream], bound: int = MERGE_QUEUE_BOUND) -
         for s in timed:
             with contextlib.suppress(Exception):
                 await s.aclose()  # type: ignore[attr-defined]
-
-
-async def collect(
-    kind: Kind,
-    header: ResponseHeader,
-    events: EventStream,
-    *,
-    logprobs_on: bool,
-    top_k: int,
-    echo: bool,
-    prompts: list[str],
-    octograph: dict[str, Any],
-) -> dict[str, Any]:
-    choices: dict[int, Choice] = {}
-    prompt_tokens = 0
-    prompt_lps: dict[int, list[Any]] = {}
-    try:
-        async for ev in events:
-            t = ev["type"]
-            if t == "start":
-                prompt_tokens += ev.get("prompt_tokens", 0)
-                if "prompt_logprobs" in ev:
-                    prompt_lps[ev.get("index", 0)] = ev["prompt_logprobs"]
-                continue
-            c = choices.get(ev["index"])
-            if c is None:
-                c = choices[ev["index"]] = Choice(ev["index"])
-            if t == "delta":
-                c.text += ev.get("text", "")
-                if logprobs_on and "logprobs" in ev:
-                    if kind == "chat":
-                        c.chat_logprobs.extend(chat_logprob_entries(ev["logprobs"], top_k))
-                    else:
-                        c.completion_logprobs = c.completion_logprobs or CompletionLogprobs()
-                        c.completion_logprobs.add(ev["logprobs"])
-            elif t == "finish":
-                c.finish_reason = ev.get("finish_reason")
-                c.completion_tokens = ev.get("completion_tokens", 0)
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
-    if echo:
-        n_per_prompt = max(1, len(choices) // max(1, len(prompts)))
-        for c in choices.values():
-            job = c.index // n_per_prompt
-            prompt = prompts[job] if job < len(prompts) else ""
-            c.text = prompt + c.text
-            if logprobs_on and job in prompt_lps:
-                echoed = CompletionLogprobs()
-                echoed.add(prompt_lps[job])
-                if c.completion_logprobs:
-                    echoed.add(
-                        [
-                            _as_event(c.completion_logprobs, i)
-                            for i in range(len(c.completion_logprobs.tokens))
-                        ]
-                    )
-                c.completion_logprobs = echoed
-    return final_body(kind, header, list(choices.values()), prompt_tokens, logprobs_on, octograph)
-
-
-def _as_event(lps: CompletionLogprobs, i: int) -> Any:
-    return {
-        "id": -1,
-        "text": lps.tokens[i],
-        "logprob": lps.token_logprobs[i],
-        "top": [
-            {"id": -1, "text": k, "logprob": v} for k, v in (lps.top_logprobs[i] or {}).items()
-        ],
-    }
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-async def to_sse(
-    kind: Kind,
-    header: ResponseHeader,
-    events: EventStream,
-    *,
-    include_usage: bool,
-    logprobs_on: bool,
-    top_k: int,
-    echo: bool,
-    prompts: list[str],
-    octograph: dict[str, Any],
-    deadline: float,
-    on_close: Callable[[], None],
-) -> AsyncIterator[bytes]:
-    """Always ends with `data: [DONE]`; a failure after the first byte becomes an error event."""
-    prompt_tokens = 0
-    completion_tokens = 0
-    started: set[int] = set()
-    first = True
-    try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-            async for ev in events:
-                t = ev["type"]
-                if t == "start":
-                    prompt_tokens += ev.get("prompt_tokens", 0)
-                    continue
-                idx = ev["index"]
-                choice: dict[str, Any]
-                if t == "delta":
-                    text = ev.get("text", "")
-                    if kind == "chat":
-                        delta: dict[str, Any] = {"content": text}
-                        if idx not in started:
-                            delta["role"] = "assistant"
-                        choice = {"index": idx, "delta": delta, "finish_reason": None}
-                        if logprobs_on:
-                            choice["logprobs"] = {
-                                "content": chat_logprob_entries(ev.get("logprobs", []), top_k)
-                            }
-                    else:
-                        if echo and idx not in started:
-                            n_per = 1  # echo streams prompt text ahead of the first delta
-                            job = idx // n_per if len(prompts) > 1 else 0
-                            text = (prompts[job] if job < len(prompts) else "") + text
-                        choice = {"index": idx, "text": text, "finish_reason": None}
-                        if logprobs_on:
-                            lp = CompletionLogprobs()
-                            lp.add(ev.get("logprobs", []))
-                            choice["logprobs"] = lp.as_dict()
-                    started.add(idx)
-                else:  # finish
-                    completion_tokens += ev.get("completion_tokens", 0)
-                    if kind == "chat":
-                        choice = {
-                            "index": idx,
-                            "delta": {},
-                            "finish_reason": ev.get("finish_reason"),
-                        }
-                    else:
-                        choice = {
-                            "index": idx,
-                            "text": "",
-                            "finish_reason": ev.get("finish_reason"),
-                        }
-                extra: dict[str, Any] = {}
-                if first:
-                    extra["octograph"] = octograph
-                    first = False
-                if include_usage:
-                    extra["usage"] = None
-                yield _sse(header.chunk(kind, [choice], **extra))
-        if include_usage:
-            yield _sse(header.chunk(kind, [], usage=usage(prompt_tokens, completion_tokens)))
-    except TimeoutError:
-        yield _sse(DeadlineExceeded("the request deadline passed").to_body())
-    except ServiceError as exc:
-        yield _sse(exc.to_body())
-    except Exception:
-        log.exception("stream failed")
-        yield _sse(UpstreamError("the stream failed").to_body())
-    finally:
-        with contextlib.suppress(Exception):
-            await events.aclose()  # type: ignore[attr-defined]
-        on_close()
-    yield DONE

@@ -30,6 +30,11 @@ class SamplingOptions(InternalModel):
     logprobs: int | None = Field(None, ge=0, le=20, description="None: off; k: chosen + top-k")
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: dict[int, float] | None = None
 
 
 class GenerateRequest(InternalModel):

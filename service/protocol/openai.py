@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_STOP = 4
 MAX_N = 8
+MAX_PROMPTS = 64
 
 
 class OpenAIBase(BaseModel):
@@ -44,7 +45,6 @@ UNSUPPORTED = {
     "functions": "function calling",
     "tool_choice": "tool calling",
     "function_call": "function calling",
-    "logit_bias": "logit_bias",
     "audio": "audio output",
 }
 
@@ -56,13 +56,23 @@ class SamplingFields(OpenAIBase):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extension")
+    min_tokens: int | None = Field(None, ge=0, description="vLLM extension")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens exactly")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v and any(not -100.0 <= b <= 100.0 for b in v.values()):
+            raise ValueError("biases must be in [-100, 100]")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -126,8 +136,8 @@ class CompletionRequest(SamplingFields):
     def _prompt_not_empty(cls, v: Any) -> Any:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
-        if isinstance(v, list) and len(v) > 64 and isinstance(v[0], str):
-            raise ValueError("at most 64 prompts per request")
+        if isinstance(v, list) and len(v) > MAX_PROMPTS and isinstance(v[0], str | list):
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
 
     @model_validator(mode="after")
@@ -138,7 +148,7 @@ class CompletionRequest(SamplingFields):
 
     @property
     def token_limit(self) -> int | None:
-        return self.max_tokens if self.max_tokens is not None else 16
+        return self.max_tokens
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt

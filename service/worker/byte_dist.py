@@ -1,5 +1,5 @@
 """`/internal/byte-dist` next to the model: byte-bucketed reductions of full next-token
-distributions (research/byte-level.md §4; the reduction itself is service.ensemble.reduction).
+distributions (research/byte-level.md §4; the reduction itself is service.bytelevel.reduction).
 
 A request carries queries (token path, partial bytes). Each distinct path needs one full
 next-token distribution, fetched through ``fetch`` (in the vLLM worker: one ``max_tokens=1``
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from service.ensemble.byte_tables import TokenByteTable
-from service.ensemble.reduction import Prepared, reduce_prepared
+from service.bytelevel.byte_tables import TokenByteTable
+from service.bytelevel.reduction import Prepared, reduce_prepared
 from service.errors import BadRequest, ContextLengthExceeded, Unavailable
 from service.protocol.internal import ByteDistRequest, ByteDistResponse, ByteDistResult
 

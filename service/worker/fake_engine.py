@@ -13,6 +13,7 @@ import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from service.chat_template import check_context
 from service.errors import BadRequest, UpstreamError
 from service.protocol.internal import (
     ByteDistRequest,
@@ -26,7 +27,6 @@ from service.protocol.internal import (
     WorkerInfo,
 )
 from service.worker.engine import PreparedPrompt
-from service.worker.prompts import check_context
 
 VOCAB = 50_000
 EOS = 0

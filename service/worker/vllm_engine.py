@@ -15,6 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from service.affinity import on_cpus
+from service.chat_template import check_context, prompt_token_ids
 from service.config import WorkerSettings
 from service.errors import BadRequest, DeadlineExceeded, Overloaded, Unavailable
 from service.protocol.internal import (
@@ -28,10 +30,8 @@ from service.protocol.internal import (
     TokenLogprobEvent,
     WorkerInfo,
 )
-from service.worker.affinity import on_cpus
 from service.worker.byte_dist import ByteDistScorer
 from service.worker.engine import PreparedPrompt, asks_reproducible
-from service.worker.prompts import check_context, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,11 @@ class VLLMEngine:
             logprobs=s.logprobs,
             prompt_logprobs=s.prompt_logprobs,
             ignore_eos=s.ignore_eos,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            min_tokens=min(s.min_tokens, prepared.max_tokens),
+            logit_bias=s.logit_bias,
             output_kind=RequestOutputKind.DELTA,
             skip_reading_prefix_cache=self._settings.reproducible_generation
             and asks_reproducible(s),
@@ -349,7 +354,7 @@ class VLLMEngine:
         return dict(logprobs[0]) if logprobs else {}
 
     async def _load_byte_scorer(self) -> ByteDistScorer:
-        from service.ensemble.byte_tables import TokenByteTable
+        from service.bytelevel.byte_tables import TokenByteTable
         from service.worker import capture
 
         llm, channel = self._require(), self._capture

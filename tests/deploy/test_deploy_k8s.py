@@ -430,7 +430,7 @@ GRAPH_FILES = [
 @pytest.mark.parametrize("rel", GRAPH_FILES)
 def test_graph_files_pass_the_service_schema(rel: str) -> None:
     graph_mod = pytest.importorskip(
-        "service.router.graph", reason="octograph package not importable"
+        "service.graph.schema", reason="octograph package not importable"
     )
     graph = graph_mod.parse_graph((ROOT / rel).read_text(), rel)
     for model in graph.models.values():

@@ -20,8 +20,8 @@ import yaml
 
 from service.config import GatewaySettings
 from service.gateway.app import build_gateway_app
-from service.router.functional_tokens import assign_tokens
-from service.router.graph import GraphConfig, ModelSpec, parse_graph
+from service.graph.functional_tokens import assign_tokens
+from service.graph.schema import GraphConfig, ModelSpec, parse_graph
 from service.serving import Lifecycle
 from service.worker.app import build_worker_app
 from service.worker.fake_engine import FakeEngine

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from service.router.functional_tokens import assign_tokens, token_name
-from service.router.graph import RouterNode, parse_graph
+from service.graph.functional_tokens import assign_tokens, token_name
+from service.graph.schema import RouterNode, parse_graph
 from tests.e2e.console_stack import CONSOLE_GRAPH, ThreadedStack
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from service.embedded import WorkerProcess, free_port, start_workers, stop_workers, wait_ready
+from service.graph.schema import parse_graph
 from service.models import packaged
-from service.router.graph import parse_graph
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from service.ensemble.byte_tables import TokenByteTable
+from service.bytelevel.byte_tables import TokenByteTable
 from service.models import packaged
 from service.protocol.internal import ByteDistRequest, ByteDistResponse, ByteQuery
 from service.worker.byte_dist import decode_logprobs

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from service.ensemble.byte_tables import TokenByteTable
+from service.bytelevel.byte_tables import TokenByteTable
 from service.protocol.internal import ByteDistRequest, ByteQuery
 from service.worker.byte_dist import ByteDistScorer
 from service.worker.capture import (

@@ -25,9 +25,9 @@ import pytest
 from service.config import GatewaySettings
 from service.embedded import free_port
 from service.gateway.app import build_gateway_app
+from service.graph.functional_tokens import assign_tokens
+from service.graph.schema import parse_graph
 from service.models import packaged
-from service.router.functional_tokens import assign_tokens
-from service.router.graph import parse_graph
 from service.serving import Lifecycle
 from service.worker.app import build_worker_app
 from service.worker.fake_engine import FakeEngine

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from service.embedded import WorkerProcess, model_dirs, start_workers, stop_workers, wait_ready
-from service.router.graph import load_graph
+from service.graph.schema import load_graph
 from tests.integration.conftest import REPO, GatewayFactory
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """A brute-force byte-bucket reduction for tests: walks the vocabulary token by token (no sorted
-ranges, no shared code with service.ensemble.reduction), in float64."""
+ranges, no shared code with service.bytelevel.reduction), in float64."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 from numpy.typing import NDArray
 
-from service.ensemble.byte_tables import TokenByteTable
+from service.bytelevel.byte_tables import TokenByteTable
 
 _token_bytes: weakref.WeakKeyDictionary[TokenByteTable, list[bytes | None]] = (
     weakref.WeakKeyDictionary()

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from service.ensemble.byte_tables import TokenByteTable
+from service.bytelevel.byte_tables import TokenByteTable
 
 MODELS_DIR = Path(os.path.expanduser("~/.cache/octograph/models"))
 SMOLLM2 = MODELS_DIR / "smollm2" / "tokenizer.json"

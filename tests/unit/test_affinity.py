@@ -1,4 +1,4 @@
-"""CPU lists and pinning the processes an engine spawns (service.worker.affinity)."""
+"""CPU lists and pinning the processes an engine spawns (service.affinity)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from service.affinity import format_cpu_list, on_cpus, parse_cpu_list, usable_cpus
 from service.config import WorkerSettings
-from service.router.graph import load_graph
-from service.worker.affinity import format_cpu_list, on_cpus, parse_cpu_list, usable_cpus
+from service.graph.schema import load_graph
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
-from service.ensemble.byte_tables import TokenByteTable
+from service.bytelevel.byte_tables import TokenByteTable
 from service.errors import BadRequest, ContextLengthExceeded, DeadlineExceeded
 from service.protocol.internal import ByteDistRequest, ByteDistResponse, ByteQuery
 from service.serving import Lifecycle

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from service.console.stats import ConsoleStats, classify, percentile
 from service.errors import BadRequest, Unavailable, UpstreamError
-from service.router.functional_tokens import assign_tokens
-from service.router.policy import RouteResult
+from service.gateway.console.stats import ConsoleStats, classify, percentile
+from service.gateway.routing import RouteResult
+from service.graph.functional_tokens import assign_tokens
 from tests.conftest import sse_events
 
 
@@ -309,8 +309,8 @@ class _Replica:
 def test_graph_view_marks_remote_nodes_and_combines_member_health() -> None:
     from types import SimpleNamespace
 
-    from service.console.view import graph_view
-    from service.router.graph import parse_graph
+    from service.gateway.console.view import graph_view
+    from service.graph.schema import parse_graph
 
     graph = parse_graph("""
 models:

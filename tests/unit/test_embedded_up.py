@@ -119,7 +119,7 @@ def test_worker_env_follows_the_model_role() -> None:
         plan_placement,
         worker_env,
     )
-    from service.router.graph import parse_graph
+    from service.graph.schema import parse_graph
 
     graph = parse_graph(
         """

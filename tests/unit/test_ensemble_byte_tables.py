@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, normalizers
 
-from service.ensemble.byte_tables import TokenByteTable, gpt2_bytes_to_unicode
+from service.bytelevel.byte_tables import TokenByteTable, gpt2_bytes_to_unicode
 from tests.unit.ensemble_fixtures import (
     CORPUS,
     GEMMA3,

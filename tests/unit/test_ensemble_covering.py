@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from service.ensemble.byte_tables import TokenByteTable
-from service.ensemble.covering import CanonicalEncoder, CoveringTree, ZeroProbabilityError
-from service.ensemble.reduction import LocalReductionOracle
-from service.ensemble.utf8 import is_complete
+from service.bytelevel.byte_tables import TokenByteTable
+from service.bytelevel.covering import CanonicalEncoder, CoveringTree, ZeroProbabilityError
+from service.bytelevel.reduction import LocalReductionOracle
+from service.bytelevel.utf8 import is_complete
 from tests.unit.ensemble_fixtures import (
     BruteForce,
     CanonicalModel,

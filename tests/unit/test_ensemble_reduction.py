@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from service.ensemble.byte_tables import TokenByteTable
-from service.ensemble.reduction import (
+from service.bytelevel.byte_tables import TokenByteTable
+from service.bytelevel.reduction import (
     LocalReductionOracle,
     Prepared,
     ReductionQuery,

@@ -16,17 +16,17 @@ import numpy as np
 import orjson
 import pytest
 
-from service.ensemble.assets import MemberAssets
-from service.ensemble.byte_tables import TokenByteTable
-from service.ensemble.covering import CoveringTree
-from service.ensemble.mixing import mix, product
-from service.ensemble.prompting import reopen_tail
-from service.ensemble.reduction import LocalReductionOracle, ReductionQuery
-from service.ensemble.remote import from_wire, to_result
-from service.ensemble.runner import _member_prompt
-from service.ensemble.sampling import ByteSampler, Utf8Buffer
-from service.ensemble.stops import StopMatcher
+from service.bytelevel.byte_tables import TokenByteTable
+from service.bytelevel.covering import CoveringTree
+from service.bytelevel.mixing import mix, product
+from service.bytelevel.prompting import reopen_tail
+from service.bytelevel.reduction import LocalReductionOracle, ReductionQuery
+from service.bytelevel.sampling import ByteSampler, Utf8Buffer
+from service.bytelevel.stops import StopMatcher
+from service.bytelevel.wire import from_wire, to_result
 from service.errors import UpstreamError
+from service.gateway.runners.ensemble import _member_prompt
+from service.gateway.runners.ensemble_assets import MemberAssets
 from service.protocol.internal import (
     ByteDistRequest,
     ByteDistResponse,
@@ -114,7 +114,7 @@ async def ensemble_stack(
     stack = await make_stack(GRAPH.replace("MODE", mode), **settings)
     for name in ("alpha", "beta"):
         stack.engine(name).byte_dist = exact_byte_dist(name)
-    runner = stack.app.state.gateway.pipeline.ensembles
+    runner = stack.app.state.gateway.ensembles
     runner.assets.factory = assets_for
     runner.prune = prune
     return stack

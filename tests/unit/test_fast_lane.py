@@ -1,4 +1,4 @@
-"""The generation endpoints' plain-ASGI lane (service/gateway/fast_lane.py) answers exactly as
+"""The generation endpoints' plain-ASGI lane (service/gateway/front_door.py) answers exactly as
 the FastAPI routes it shadows would: same error bodies for bad input, other methods and routes
 untouched, headers and bodies of replies as before."""
 

@@ -20,7 +20,7 @@ from schemathesis.generation import GenerationMode
 
 from service.config import GatewaySettings
 from service.gateway.app import build_gateway_app
-from service.router.graph import parse_graph
+from service.graph.schema import parse_graph
 from service.serving import Lifecycle
 from service.worker.app import build_worker_app
 from service.worker.fake_engine import FakeEngine

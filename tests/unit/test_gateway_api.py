@@ -317,13 +317,20 @@ async def test_unknown_route_is_404_json(make_stack):
     assert r.json()["error"]["type"] == "not_found_error"
 
 
-async def test_request_id_echoed_and_forwarded(make_stack):
+async def test_request_id_echoed_but_never_the_engine_id(make_stack):
+    """The client's x-request-id is echoed (logs, tracing), but the id the engine registers,
+    and the response `id`, are always the gateway's: vLLM aborts every request under one id,
+    so two clients sending the same header must not share an engine id."""
     stack = await make_stack()
-    r = await stack.client.post(
-        "/v1/chat/completions",
-        headers={"x-request-id": "abc-123"},
-        json={"model": "general", "messages": [{"role": "user", "content": "q"}]},
+    body = {"model": "general", "messages": [{"role": "user", "content": "q"}]}
+    first = await stack.client.post(
+        "/v1/chat/completions", headers={"x-request-id": "abc-123"}, json=body
     )
-    assert r.headers["x-request-id"] == "abc-123"
-    assert stack.engine("alpha").generated == ["abc-123"]
-    assert r.json()["id"] == "chatcmpl-abc-123"
+    second = await stack.client.post(
+        "/v1/chat/completions", headers={"x-request-id": "abc-123"}, json=body
+    )
+    assert first.headers["x-request-id"] == second.headers["x-request-id"] == "abc-123"
+    engine_ids = stack.engine("alpha").generated
+    assert len(engine_ids) == 2 and len(set(engine_ids)) == 2 and "abc-123" not in engine_ids
+    ids = {first.json()["id"], second.json()["id"]}
+    assert len(ids) == 2 and all(i.startswith("chatcmpl-") and "abc-123" not in i for i in ids)

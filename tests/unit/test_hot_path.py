@@ -1,7 +1,7 @@
 """The gateway's hot path, piece by piece: SSE framing byte for byte, the collected body (usage,
 finish_reason), the per-stream idle watchdog and renumbering, and the lean HTTP/1.1 client that
-reads worker streams (service/worker/http11.py) against a raw asyncio server whose bytes the
-test controls (chunk boundaries, closes, stalls)."""
+reads worker streams (service/gateway/clients/http11.py) against a raw asyncio server whose
+bytes the test controls (chunk boundaries, closes, stalls)."""
 
 from __future__ import annotations
 
@@ -13,22 +13,68 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from service.errors import DeadlineExceeded, ServiceError
-from service.gateway.openai_format import ResponseHeader
-from service.gateway.streams import collect, merge_jobs, to_sse
-from service.protocol.internal import GenerateEvent
-from service.worker.http11 import (
+from service.gateway.clients.http11 import (
     ConnectFailed,
     Http11Pool,
+    PoolExhausted,
     ProtocolFailure,
     ReadTimeout,
 )
+from service.gateway.console.stats import ConsoleStats
+from service.gateway.observer import Observers, RequestObserver
+from service.gateway.plan import ReplyShape
+from service.gateway.reply import collect, to_sse
+from service.gateway.runners.base import Answer
+from service.gateway.streams import merge_jobs
+from service.observability.metrics import GatewayMetrics
+from service.protocol.internal import GenerateEvent
 
 pytestmark = pytest.mark.asyncio
 
-HEADER = ResponseHeader(id="chatcmpl-r1", model="general", created=1700000000)
 OCTO = {"route": ["general"], "scores": []}
+
+
+def shape(
+    kind: str = "chat",
+    *,
+    rid: str = "chatcmpl-r1",
+    model: str = "general",
+    created: int = 1700000000,
+    include_usage: bool = False,
+    n: int = 1,
+) -> ReplyShape:
+    return ReplyShape(
+        kind=kind,  # type: ignore[arg-type]
+        model=model,
+        response_id=rid,
+        n=n,
+        stream=True,
+        include_usage=include_usage,
+        logprobs=False,
+        top_logprobs=0,
+        echo=None,
+        created=created,
+    )
+
+
+def observer() -> RequestObserver:
+    ids = ["general", "m"]
+    sinks = Observers(GatewayMetrics(CollectorRegistry()), ConsoleStats(ids), frozenset(ids))
+    return RequestObserver(sinks, "r1", time.monotonic(), time.monotonic() + 60)
+
+
+def sse_of(reply: ReplyShape, events: AsyncIterator[GenerateEvent]) -> AsyncIterator[bytes]:
+    return to_sse(
+        reply, Answer(events=events), OCTO, deadline=time.monotonic() + 10, observer=observer()
+    )
+
+
+async def body_of(reply: ReplyShape, events: AsyncIterator[GenerateEvent]) -> dict[str, Any]:
+    body, _ = await collect(reply, Answer(events=events), OCTO, observer())
+    return body
 
 
 async def events_of(items: list[GenerateEvent], delay: float = 0.0) -> AsyncIterator[GenerateEvent]:
@@ -53,19 +99,9 @@ def sse(obj: dict[str, Any]) -> bytes:
 
 
 async def test_chat_sse_is_byte_for_byte_openai_framing() -> None:
-    closed: list[bool] = []
-    stream = to_sse(
-        "chat",
-        HEADER,
-        merge_jobs([(0, events_of(worker_events(["Hel", "lo", "!"])))], idle_timeout_s=5),
-        include_usage=True,
-        logprobs_on=False,
-        top_k=0,
-        echo=False,
-        prompts=[],
-        octograph=OCTO,
-        deadline=time.monotonic() + 10,
-        on_close=lambda: closed.append(True),
+    stream = sse_of(
+        shape("chat", include_usage=True),
+        merge_jobs([(0, None, events_of(worker_events(["Hel", "lo", "!"])))], idle_timeout_s=5),
     )
     out = b"".join([chunk async for chunk in stream])
     base = {"id": "chatcmpl-r1", "object": "chat.completion.chunk", "created": 1700000000}
@@ -85,22 +121,12 @@ async def test_chat_sse_is_byte_for_byte_openai_framing() -> None:
         + b"data: [DONE]\n\n"
     )  # fmt: skip
     assert out == expected
-    assert closed == [True]
 
 
 async def test_completion_sse_without_usage_has_no_usage_key() -> None:
-    stream = to_sse(
-        "completion",
-        ResponseHeader(id="cmpl-r1", model="m", created=1),
-        merge_jobs([(0, events_of(worker_events(["a", "b"], "stop")))], idle_timeout_s=5),
-        include_usage=False,
-        logprobs_on=False,
-        top_k=0,
-        echo=False,
-        prompts=[],
-        octograph=OCTO,
-        deadline=time.monotonic() + 10,
-        on_close=lambda: None,
+    stream = sse_of(
+        shape("completion", rid="cmpl-r1", model="m", created=1),
+        merge_jobs([(0, None, events_of(worker_events(["a", "b"], "stop")))], idle_timeout_s=5),
     )
     chunks = [c async for c in stream]
     assert chunks[-1] == b"data: [DONE]\n\n"
@@ -113,19 +139,7 @@ async def test_completion_sse_without_usage_has_no_usage_key() -> None:
 
 async def test_mid_stream_worker_error_becomes_error_event_then_done() -> None:
     evs = worker_events(["x"])[:2] + [{"type": "error", "status": 503, "message": "engine died"}]
-    stream = to_sse(
-        "chat",
-        HEADER,
-        merge_jobs([(0, events_of(evs))], idle_timeout_s=5),
-        include_usage=False,
-        logprobs_on=False,
-        top_k=0,
-        echo=False,
-        prompts=[],
-        octograph=OCTO,
-        deadline=time.monotonic() + 10,
-        on_close=lambda: None,
-    )
+    stream = sse_of(shape("chat"), merge_jobs([(0, None, events_of(evs))], idle_timeout_s=5))
     chunks = [c async for c in stream]
     assert chunks[-1] == b"data: [DONE]\n\n"
     err = orjson.loads(chunks[-2][len(b"data: ") :])
@@ -134,15 +148,9 @@ async def test_mid_stream_worker_error_becomes_error_event_then_done() -> None:
 
 
 async def test_collected_body_usage_and_finish_reason_exact() -> None:
-    body = await collect(
-        "chat",
-        HEADER,
-        merge_jobs([(0, events_of(worker_events(["Hel", "lo"], "stop")))], idle_timeout_s=5),
-        logprobs_on=False,
-        top_k=0,
-        echo=False,
-        prompts=[],
-        octograph=OCTO,
+    body = await body_of(
+        shape("chat"),
+        merge_jobs([(0, None, events_of(worker_events(["Hel", "lo"], "stop")))], idle_timeout_s=5),
     )
     assert body == {
         "id": "chatcmpl-r1",
@@ -172,15 +180,11 @@ async def test_several_jobs_are_renumbered_and_summed() -> None:
             {"type": "finish", "index": 1, "finish_reason": "length", "completion_tokens": 4},
         ]
 
-    body = await collect(
-        "completion",
-        ResponseHeader(id="cmpl-1", model="m", created=1),
-        merge_jobs([(0, events_of(job("a"))), (2, events_of(job("b")))], idle_timeout_s=5),
-        logprobs_on=False,
-        top_k=0,
-        echo=False,
-        prompts=[],
-        octograph=OCTO,
+    body = await body_of(
+        shape("completion", rid="cmpl-1", model="m", created=1),
+        merge_jobs(
+            [(0, None, events_of(job("a"))), (2, None, events_of(job("b")))], idle_timeout_s=5
+        ),
     )
     assert [(c["index"], c["text"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "a", "stop"),
@@ -205,7 +209,7 @@ async def test_stalled_stream_raises_deadline_and_closes_upstream() -> None:
         finally:
             closed.set()
 
-    events = merge_jobs([(0, stalls())], idle_timeout_s=0.2)
+    events = merge_jobs([(0, None, stalls())], idle_timeout_s=0.2)
     t0 = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="stalled"):
         async for _ in events:
@@ -215,7 +219,7 @@ async def test_stalled_stream_raises_deadline_and_closes_upstream() -> None:
 
 
 async def test_slow_consumer_is_not_a_stalled_worker() -> None:
-    events = merge_jobs([(0, events_of(worker_events(["a", "b"])))], idle_timeout_s=0.1)
+    events = merge_jobs([(0, None, events_of(worker_events(["a", "b"])))], idle_timeout_s=0.1)
     seen = []
     async for ev in events:
         seen.append(ev["type"])
@@ -224,7 +228,7 @@ async def test_slow_consumer_is_not_a_stalled_worker() -> None:
 
 
 async def test_watchdog_keeps_outside_cancellation_a_cancellation() -> None:
-    events = merge_jobs([(0, events_of(worker_events(["a"]), delay=10))], idle_timeout_s=5)
+    events = merge_jobs([(0, None, events_of(worker_events(["a"]), delay=10))], idle_timeout_s=5)
 
     async def consume() -> None:
         async for _ in events:
@@ -239,14 +243,14 @@ async def test_watchdog_keeps_outside_cancellation_a_cancellation() -> None:
 
 async def test_steady_stream_longer_than_idle_timeout_passes() -> None:
     evs = worker_events([str(i) for i in range(8)])
-    events = merge_jobs([(0, events_of(evs, delay=0.05))], idle_timeout_s=0.15)
+    events = merge_jobs([(0, None, events_of(evs, delay=0.05))], idle_timeout_s=0.15)
     assert len([ev async for ev in events]) == len(evs)  # 0.5 s in all, never 0.15 s idle
 
 
 async def test_error_event_becomes_the_taxonomy_error() -> None:
     evs: list[GenerateEvent] = [{"type": "error", "status": 429, "message": "busy"}]
     with pytest.raises(ServiceError) as info:
-        async for _ in merge_jobs([(0, events_of(evs))], idle_timeout_s=5):
+        async for _ in merge_jobs([(0, None, events_of(evs))], idle_timeout_s=5):
             pass
     assert info.value.status == 429 and info.value.message == "busy"
 
@@ -471,7 +475,7 @@ async def test_pool_bound_waits_then_gives_up() -> None:
     async with RawServer(handler) as srv:
         pool = srv.pool(max_connections=1, connect_timeout_s=0.2)
         first = await pool.post_stream("/g", b"{}", {})
-        with pytest.raises(ConnectFailed, match="busy"):
+        with pytest.raises(PoolExhausted, match="busy"):
             await pool.post_stream("/g", b"{}", {})
         waiting = asyncio.create_task(pool.post_stream("/g", b"{}", {}))
         await asyncio.sleep(0.05)

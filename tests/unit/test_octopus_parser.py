@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.router.functional_tokens import parse_octopus_output
+from service.graph.functional_tokens import parse_octopus_output
 
 
 def test_canonical_call() -> None:

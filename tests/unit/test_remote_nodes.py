@@ -1,6 +1,7 @@
 """Remote nodes (`kind: openai` models): a graph with local fake workers and fake
-OpenAI-compatible upstreams (service/remote/fake_upstream.py) served in-process, driven through
-the gateway with the official `openai` client and with raw HTTP where bytes matter."""
+OpenAI-compatible upstreams (service/gateway/clients/fake_upstream.py) served in-process,
+driven through the gateway with the official `openai` client and with raw HTTP where bytes
+matter."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import pytest
 
 from service.config import GatewaySettings
 from service.gateway.app import build_gateway_app
-from service.remote.client import sse_payload
-from service.remote.fake_upstream import MODEL, FakeUpstream
-from service.remote.relay import ChunkRewriter
-from service.router.functional_tokens import assign_tokens
-from service.router.graph import GraphConfig, GraphError, parse_graph
+from service.gateway.clients.fake_upstream import MODEL, FakeUpstream
+from service.gateway.clients.upstream import sse_payload
+from service.gateway.runners.relay import ChunkRewriter
+from service.graph.functional_tokens import assign_tokens
+from service.graph.schema import GraphConfig, GraphError, parse_graph
 from service.serving import Lifecycle
 from service.worker.app import build_worker_app
 from service.worker.fake_engine import FakeEngine
@@ -310,7 +311,7 @@ async def test_500_on_every_replica_falls_back_to_the_local_node(remote_stack) -
     # Within the cooldown, a direct request gets a 503 at once, without calling upstream.
     calls = sum(len(up.calls) for up in stack.upstreams)
     direct = await _post(stack, CHAT)
-    assert direct.status_code == 503 and "no healthy upstream" in direct.json()["error"]["message"]
+    assert direct.status_code == 503 and "no healthy replica" in direct.json()["error"]["message"]
     assert sum(len(up.calls) for up in stack.upstreams) == calls
 
 

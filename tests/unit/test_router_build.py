@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from service.graph.router_prompt import OCTOGRAPH_SYSTEM_PROMPT, router_messages, router_prompt_ids
+from service.graph.schema import parse_graph
 from service.models import packaged
-from service.router.build import (
+from service.training.router_build import (
     STAMP_NAME,
     BuildOptions,
     RouterBuildError,
@@ -21,8 +23,6 @@ from service.router.build import (
     load_examples,
     resolve_data,
 )
-from service.router.graph import parse_graph
-from service.router.prompt import OCTOGRAPH_SYSTEM_PROMPT, router_messages, router_prompt_ids
 
 GRAPH = """
 models:
@@ -163,7 +163,7 @@ def test_features_are_what_the_top_of_the_model_computes(tiny_base: Path) -> Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from service.router.build import _features, _TopHead
+    from service.training.router_build import _features, _TopHead
 
     tok = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
@@ -241,8 +241,8 @@ def test_training_prompt_is_the_request_time_prompt() -> None:
         pytest.skip("packaged smollm2 is not prepared")
     from transformers import AutoTokenizer
 
+    from service.chat_template import prompt_token_ids
     from service.protocol.internal import GenerateRequest
-    from service.worker.prompts import prompt_token_ids
 
     tok = AutoTokenizer.from_pretrained(packaged.model_dir("smollm2"))
     messages = router_messages("how do magnets work", "octograph")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from service.cli import main as cli_main
-from service.router.functional_tokens import assign_tokens
-from service.router.graph import GraphError, parse_graph
+from service.graph.functional_tokens import assign_tokens
+from service.graph.schema import GraphError, parse_graph
 
 REPO = Path(__file__).resolve().parents[2]
 

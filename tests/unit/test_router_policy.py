@@ -4,11 +4,14 @@ children, the threshold fallback and the API surface can be checked exactly."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from service.router.functional_tokens import assign_tokens
-from service.router.graph import RouterNode, parse_graph
-from service.router.policy import decide, scored_routers
+from service.gateway.plan import RequestContext
+from service.gateway.routing import decide, scored_routers
+from service.graph.functional_tokens import assign_tokens
+from service.graph.schema import RouterNode, parse_graph
 from tests.conftest import FAKE_GRAPH
 
 FUNCTIONAL_BASE = 49_000  # FakeEngine: <nexa_k> is token 49_000 + k
@@ -135,8 +138,8 @@ async def test_unknown_model_is_404_and_empty_query_400(make_stack) -> None:
 async def test_router_model_without_the_tokens_is_a_clear_error() -> None:
     """A worker serving a model that was not built as a router (no <nexa_k> tokens)."""
     from service.errors import ServiceError
+    from service.gateway.routing import Router
     from service.observability.metrics import GatewayMetrics
-    from service.router.policy import Router
     from service.worker.fake_engine import FakeEngine
 
     info = FakeEngine(name="routerm").info()
@@ -154,7 +157,7 @@ async def test_router_model_without_the_tokens_is_a_clear_error() -> None:
 
     router = Router(parse_graph(FAKE_GRAPH), Pools(), GatewayMetrics(CollectorRegistry()))
     with pytest.raises(ServiceError, match="octograph router build"):
-        await router.route("root", "x", {})
+        await router.route("root", "x", RequestContext("r", time.monotonic() + 5))
 
 
 def test_decide_renormalises_over_children_and_handles_missing_scores() -> None:
@@ -199,7 +202,7 @@ nodes:
 
 @pytest.mark.asyncio
 async def test_octopus_v4_checkpoint_tokens_and_prompt(make_stack) -> None:
-    from service.router.prompt import OCTOPUS_SYSTEM_PROMPT
+    from service.graph.router_prompt import OCTOPUS_SYSTEM_PROMPT
 
     stack = await make_stack(OCTOPUS_GRAPH)
     calls: list[list[int]] = []

@@ -17,7 +17,7 @@ import httpx
 
 from service.config import GatewaySettings
 from service.gateway.app import build_gateway_app
-from service.router.graph import parse_graph
+from service.graph.schema import parse_graph
 from service.serving import Lifecycle
 from tests.conftest import free_port, serve_app, sse_events
 

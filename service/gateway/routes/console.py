@@ -1,6 +1,6 @@
 """The graph console: the page (`/console`, static shell, open like /livez) and its JSON API
 (`/console/api/*`, behind the API keys like /v1). Thin: the answers are built in
-service/console/view.py from the graph, the pools and the recorder."""
+service/gateway/console/view.py from the graph, the pools and the recorder."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
-from service.console.view import graph_view, stats_view
 from service.errors import NotFound
+from service.gateway.console.view import graph_view, stats_view
 from service.gateway.routes.deps import StateDep
 from service.protocol.console import ConsoleGraph, ConsoleStatsResponse
 from service.protocol.openai import ErrorResponse
@@ -36,10 +36,10 @@ _SHELL_HEADERS = {
 
 
 def _asset(name: str) -> Response:
-    """A file shipped in service/console/static (package data); anything else is a 404."""
+    """A file shipped in service/gateway/console/static (package data); anything else is a 404."""
     suffix = name[name.rfind(".") :] if "." in name else ""
     media = _MEDIA_TYPES.get(suffix)
-    file = resources.files("service.console").joinpath("static", name)
+    file = resources.files("service.gateway.console").joinpath("static", name)
     if media is None or "/" in name or name.startswith(".") or not file.is_file():
         raise NotFound(f"no console asset '{name}'")
     return Response(file.read_bytes(), media_type=media, headers=_SHELL_HEADERS)

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
-from service.gateway.pipeline import Pipeline, RequestContext
+from service.gateway.pipeline import Pipeline
+from service.gateway.plan import RequestContext
 
 if TYPE_CHECKING:
     from service.gateway.app import GatewayState
@@ -32,8 +33,12 @@ async def get_pipeline(request: Request) -> Pipeline:
 
 async def get_context(request: Request) -> RequestContext:
     settings = _state(request).settings
-    rid = request.scope.get("state", {}).get("request_id") or "req"
-    return RequestContext(request_id=rid, deadline=time.monotonic() + settings.request_timeout_s)
+    state = request.scope.get("state", {})
+    return RequestContext(
+        request_id=state.get("request_id") or "req",
+        deadline=time.monotonic() + settings.request_timeout_s,
+        key=state.get("api_key"),
+    )
 
 
 StateDep = Annotated["GatewayState", Depends(get_state)]

@@ -1,0 +1,154 @@
+"""Admission: whether the gateway takes a request now, weighed by what it costs.
+
+A request's cost is the number of sequences it asks the engines for (prompts x n, see
+`RequestPlan.cost`): 64 prompts with n=8 weigh 512, not 1. Limits, each in sequences and each
+answering a fast 429 with Retry-After rather than queueing:
+
+- the gateway: `max_inflight` sequences in flight in this process;
+- a node: `max_inflight_per_node`;
+- an API key: `max_inflight_per_key` in flight, and `rate_limit_rpm` sequences per minute.
+
+A request is admitted after its body has arrived and been validated (a slow or absent body holds
+no slot) and before it is routed; its node is admitted once routing picked it. Limits are per
+gateway process: N replicas allow N times as much.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from service.errors import Overloaded
+from service.observability.metrics import GatewayMetrics
+
+
+class RateWindow:
+    """Sequences per key over the last 60 s (a sliding log, bounded by the limit)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._hits: dict[str, deque[tuple[float, int]]] = {}
+        self._used: dict[str, int] = {}
+
+    def take(self, key: str, cost: int) -> None:
+        now = time.monotonic()
+        hits = self._hits.setdefault(key, deque())
+        used = self._used.get(key, 0)
+        while hits and now - hits[0][0] > 60.0:
+            used -= hits.popleft()[1]
+        if used + cost > self.per_minute:
+            self._used[key] = used
+            retry = 60.0 - (now - hits[0][0]) if hits else 60.0
+            raise Overloaded(
+                f"rate limit reached for this API key ({self.per_minute} sequences per minute)",
+                retry_after_s=retry,
+                code="rate_limit_exceeded",
+            )
+        hits.append((now, cost))
+        self._used[key] = used + cost
+
+
+class Ticket:
+    """What one admitted request holds; `release` gives it all back (idempotent)."""
+
+    def __init__(self, admission: Admission, key: str | None, cost: int) -> None:
+        self._admission = admission
+        self.key = key
+        self.cost = cost
+        self.node: str | None = None
+        self.released = False
+
+    def enter_node(self, node: str) -> None:
+        """Admit the request on `node` (moving it off a node it held, for a fallback)."""
+        if self.node == node or self.released:
+            return
+        self._admission.take_node(node, self.cost)
+        self._leave_node()
+        self.node = node
+
+    def _leave_node(self) -> None:
+        if self.node is not None:
+            self._admission.give_node(self.node, self.cost)
+            self.node = None
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self._leave_node()
+        self._admission.give(self.key, self.cost)
+
+
+class Admission:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        *,
+        max_inflight: int,
+        max_inflight_per_node: int,
+        max_inflight_per_key: int | None = None,
+        rate_limit_rpm: int | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.max_inflight = max_inflight
+        self.max_per_node = max_inflight_per_node
+        self.max_per_key = max_inflight_per_key
+        self.rate = RateWindow(rate_limit_rpm) if rate_limit_rpm else None
+        self.inflight = 0  # sequences, whole gateway
+        self.by_node: dict[str, int] = {}
+        self.by_key: dict[str, int] = {}
+
+    def admit(self, key: str | None, cost: int) -> Ticket:
+        """Gateway- and key-level admission of a request of `cost` sequences."""
+        if self.inflight + cost > self.max_inflight:
+            self._reject("gateway")
+            raise Overloaded("the gateway is at capacity; retry shortly")
+        if (
+            key is not None
+            and self.max_per_key is not None
+            and (self.by_key.get(key, 0) + cost > self.max_per_key)
+        ):
+            self._reject("key")
+            raise Overloaded(
+                f"this API key has {self.by_key.get(key, 0)} sequences in flight "
+                f"(at most {self.max_per_key}); retry shortly",
+                code="key_concurrency_exceeded",
+            )
+        if key is not None and self.rate is not None:
+            try:
+                self.rate.take(key, cost)
+            except Overloaded:
+                self._reject("rate")
+                raise
+        self.inflight += cost
+        if key is not None:
+            self.by_key[key] = self.by_key.get(key, 0) + cost
+        self.metrics.inflight.inc(cost)
+        return Ticket(self, key, cost)
+
+    def take_node(self, node: str, cost: int) -> None:
+        held = self.by_node.get(node, 0)
+        if held + cost > self.max_per_node:
+            self._reject("node")
+            raise Overloaded(f"node '{node}' is at capacity; retry shortly")
+        self.by_node[node] = held + cost
+
+    def give_node(self, node: str, cost: int) -> None:
+        left = self.by_node.get(node, cost) - cost
+        if left > 0:
+            self.by_node[node] = left
+        else:
+            self.by_node.pop(node, None)
+
+    def give(self, key: str | None, cost: int) -> None:
+        self.inflight -= cost
+        self.metrics.inflight.dec(cost)
+        if key is not None:
+            left = self.by_key.get(key, cost) - cost
+            if left > 0:
+                self.by_key[key] = left
+            else:
+                self.by_key.pop(key, None)
+
+    def _reject(self, scope: str) -> None:
+        self.metrics.rejected.labels(scope).inc()

@@ -1,0 +1,199 @@
+"""What the gateway needs, per member model, to run byte-level generation: its token byte
+table, its prompt tokenizer (chat template or plain transcript), its context length.
+
+Loaded once per model from the model directory (packaged name, path, or the directory the
+worker reports), in a thread, shared by every request; concurrent first requests wait on one
+load.  The gateway starts loading its ensembles' members when it is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from service.bytelevel.byte_tables import TokenByteTable
+from service.chat_template import prompt_token_ids
+from service.errors import BadRequest, Unavailable
+from service.gateway.clients.pool import WorkerPools
+from service.graph.schema import GraphConfig
+from service.protocol.internal import GenerateRequest
+
+log = logging.getLogger(__name__)
+_TRANSFORMERS_IMPORT = threading.Lock()
+
+
+class PromptEncoder(Protocol):
+    """Prompt token ids of a generate request for one model."""
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+    @property
+    def start_id(self) -> int | None:
+        """A token to put before a prompt that has no special token to start from (BOS,
+        else the document separator), so the whole prompt text can be re-opened."""
+        ...
+
+    def encode(self, request: GenerateRequest) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class MemberAssets:
+    model: str
+    table: TokenByteTable
+    prompts: PromptEncoder
+    max_model_len: int
+
+
+class HFPromptEncoder:
+    """The worker's own prompt rendering (service/chat_template.py) on a `transformers`
+    tokenizer loaded from the model directory, so gateway and worker agree on the ids."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._start_id = _document_start(tokenizer)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def start_id(self) -> int | None:
+        return self._start_id
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        if request.prompt_token_ids is not None:
+            raise BadRequest(
+                "byte-level generation needs text prompts: token ids belong to one vocabulary",
+                param="prompt",
+            )
+        ids, _ = prompt_token_ids(self.tokenizer, request)
+        return [int(i) for i in ids]
+
+
+def _document_start(tokenizer: Any) -> int | None:
+    """The token a document starts after: the BOS the tokenizer adds itself (Gemma), else the
+    document separator a base model was trained with (SmolLM2's `<|endoftext|>`; its "BOS"
+    `<|im_start|>` opens a chat turn, not a document)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer.encode("a", add_special_tokens=True)
+    if isinstance(bos, int) and ids and ids[0] == bos:
+        return bos
+    vocab = tokenizer.get_vocab()
+    for name in ("<|endoftext|>", "</s>", "<eos>"):
+        if name in vocab:
+            return int(vocab[name])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return eos if isinstance(eos, int) else (bos if isinstance(bos, int) else None)
+
+
+def load_member_assets(model: str, model_dir: Path, max_model_len: int) -> MemberAssets:
+    """Blocking: parses tokenizer files (Gemma's table is cached as .npz after the first; its
+    canonical encoder is still built from tokenizer.json, here rather than on first use)."""
+    table = TokenByteTable.from_tokenizer_file(model_dir / "tokenizer.json")
+    table.load_encoder()
+    # One import at a time: transformers' lazy module is not safe to import from two threads
+    # at once (the preload thread and a request can race; the loser sees a half-built module).
+    with _TRANSFORMERS_IMPORT:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return MemberAssets(model, table, HFPromptEncoder(tokenizer), max_model_len)
+
+
+AssetFactory = Callable[[str], MemberAssets]
+
+
+class AssetCache:
+    """Per-model assets, loaded once (a lock per model; a failed load is retried by the next
+    request).  `factory` (tests) replaces loading from model directories.  `preload` starts
+    loading, in a background thread, the members whose directory is known from the graph, so
+    the first ensemble request does not pay for parsing tokenizers (tens of seconds here)."""
+
+    def __init__(
+        self, graph: GraphConfig, pools: WorkerPools | None, factory: AssetFactory | None = None
+    ) -> None:
+        self.graph = graph
+        self.pools = pools
+        self.factory = factory
+        self._assets: dict[str, MemberAssets] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def preload(self, models: list[str]) -> None:
+        known = [
+            m
+            for m in models
+            if (spec := self.graph.worker_models().get(m)) and (spec.packaged or spec.path)
+        ]
+        if not known:
+            return
+
+        def run() -> None:
+            for model in known:
+                try:
+                    self._get_blocking(model, self._static_dir(model))
+                except Exception as exc:  # the request that needs it will report it
+                    log.warning(
+                        "byte tables not preloaded", extra={"model": model, "error": str(exc)}
+                    )
+
+        threading.Thread(target=run, name="ensemble-preload", daemon=True).start()
+
+    async def get(self, model: str) -> MemberAssets:
+        hit = self._assets.get(model)
+        if hit is not None:
+            return hit
+        model_dir = None if self.factory is not None else self._model_dir(model)
+        return await asyncio.to_thread(self._get_blocking, model, model_dir)
+
+    def _get_blocking(self, model: str, model_dir: Path | None) -> MemberAssets:
+        with self._guard:
+            lock = self._locks.setdefault(model, threading.Lock())
+        with lock:
+            hit = self._assets.get(model)
+            if hit is None:
+                hit = self._assets[model] = self._load(model, model_dir)
+            return hit
+
+    def _static_dir(self, model: str) -> Path:
+        from service.models.resolve import ModelNotFound, resolve_model_dir
+
+        spec = self.graph.worker_models().get(model)
+        if spec is None:
+            raise Unavailable(
+                f"model '{model}' is not served by an Octograph worker: "
+                "byte-level generation needs /internal/byte-dist"
+            )
+        name = spec.packaged or spec.path
+        if not name:
+            raise Unavailable(f"model '{model}' has no `packaged` name or `path`")
+        try:
+            return resolve_model_dir(name)
+        except ModelNotFound as exc:
+            raise Unavailable(f"model '{model}': {exc}") from None
+
+    def _model_dir(self, model: str) -> Path:
+        spec = self.graph.worker_models().get(model)
+        if spec is not None and (spec.packaged or spec.path):
+            return self._static_dir(model)
+        info = self.pools[model].info() if self.pools is not None and spec is not None else None
+        if info is not None and Path(info.model_dir, "tokenizer.json").is_file():
+            return Path(info.model_dir)
+        raise Unavailable(
+            f"model '{model}' has no tokenizer files on this gateway (byte-level generation "
+            "needs them: give the model a `path` or `packaged` name)"
+        )
+
+    def _load(self, model: str, model_dir: Path | None) -> MemberAssets:
+        if self.factory is not None:
+            return self.factory(model)
+        assert model_dir is not None
+        spec = self.graph.worker_models()[model]
+        log.info("loading byte tables", extra={"model": model, "dir": str(model_dir)})
+        return load_member_assets(model, model_dir, spec.max_model_len)

@@ -4,7 +4,9 @@ subcommands so `octograph --help` is instant."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from service.graph.schema import GraphError
+from service.internal_auth import SecretFileError
+
+# A worker whose engine died after start-up exits with this (after draining), so that whatever
+# supervises it (Kubernetes, compose, `octograph up`) starts a new one.
+ENGINE_DEAD_EXIT = 3
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -62,6 +69,7 @@ def _worker(args: argparse.Namespace) -> int:
             "max_model_len": args.max_model_len,
             "threads": args.threads,
             "cpus": args.cpus,
+            "metrics_port": args.metrics_port,
         }.items()
         if v is not None
     }
@@ -91,9 +99,38 @@ def _worker(args: argparse.Namespace) -> int:
 
         model_dir = resolve_model_dir(settings.model, settings.cache_dir)
         engine = VLLMEngine(settings, model_dir, settings.served_name or settings.model)
+    from service.internal_auth import is_loopback_host, read_secret_file
+
+    secret = read_secret_file(settings.secret_file) if settings.secret_file else None
+    if secret is None and not is_loopback_host(settings.host):
+        logging.getLogger("service.worker").warning(
+            "no worker secret (OCTOGRAPH_WORKER_SECRET_FILE): the internal API on %s:%s is "
+            "open to anyone who can reach it",
+            settings.host,
+            settings.port,
+        )
     lifecycle = Lifecycle()
-    app = build_worker_app(engine, lifecycle, max_inflight=settings.max_inflight)
+    app = build_worker_app(
+        engine,
+        lifecycle,
+        max_inflight=settings.max_inflight,
+        secret=secret,
+        metrics_on_api_port=settings.metrics_port is None,
+        # Drain (requests on a dead engine end at once) and exit: see ENGINE_DEAD_EXIT.
+        on_engine_death=lambda: os.kill(os.getpid(), signal.SIGTERM),
+    )
+    if settings.metrics_port:
+        from prometheus_client import REGISTRY
+
+        from service.observability.metrics_server import serve_registries
+
+        serve_registries(
+            [app.state.worker.registry, REGISTRY], settings.host, settings.metrics_port
+        )
     serve(app, settings.host, settings.port, lifecycle, settings.shutdown_grace_s)
+    if app.state.worker.engine_died:
+        print("error: the engine died; exiting so that the worker is restarted", file=sys.stderr)
+        return ENGINE_DEAD_EXIT
     return 0
 
 
@@ -189,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--max-model-len", type=int)
     wk.add_argument("--threads", type=int)
     wk.add_argument("--cpus", help="pin the engine processes to these cores, e.g. 0-3,8")
+    wk.add_argument("--metrics-port", type=int, help="serve /metrics here, not on --port")
     wk.add_argument("--fake", action="store_true", help="no model: deterministic canned tokens")
     wk.add_argument("--fake-token-delay", type=float)
     wk.add_argument("--fake-reply-words", type=int, help="--fake: tokens in each reply")
@@ -232,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except GraphError as exc:
+    except (GraphError, SecretFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # settings from flags or OCTOGRAPH_* variables

@@ -51,6 +51,9 @@ class GatewaySettings(BaseSettings):
     rate_limit_rpm: PositiveInt | None = Field(
         None, description="sequences per minute per API key (a request weighs prompts x n)"
     )
+    # The workers' shared secret (service/internal_auth.py); the same variable as the
+    # workers' own setting, OCTOGRAPH_WORKER_SECRET_FILE. Unset = workers are called without.
+    worker_secret_file: Path | None = None
 
     log_json: bool = True
     log_level: str = "INFO"
@@ -88,6 +91,12 @@ class WorkerSettings(BaseSettings):
     )
     max_inflight: PositiveInt = 256
     shutdown_grace_s: PositiveFloat = 30.0
+    # The gateway's shared secret (service/internal_auth.py): every path but /livez, /readyz
+    # (and /metrics on the API port) needs it. Unset = open (a warning off loopback).
+    secret_file: Path | None = None
+    metrics_port: int | None = Field(
+        None, description="serve /metrics on this separate port (and not on the API port)"
+    )
     enable_capture: bool = Field(
         True, description="full-distribution capture for byte-level scoring (ensembles)"
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -31,9 +33,12 @@ from service.gateway.runners.local import LocalRunner
 from service.gateway.runners.remote import RemoteRunner
 from service.graph.schema import GraphConfig, RouterNode
 from service.http_errors import install_error_handlers
+from service.internal_auth import is_loopback_host, read_secret_file
 from service.observability.metrics import GatewayMetrics
 from service.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from service.serving import Lifecycle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,13 +78,24 @@ def build_gateway_app(
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     http = make_http_client(settings.worker_connect_timeout_s, settings.worker_read_timeout_s)
+    secret_file = settings.worker_secret_file
+    worker_secret = read_secret_file(secret_file) if secret_file is not None else None
+    all_urls = worker_urls(graph, urls)
+    if worker_secret is None and any(
+        not is_loopback_host(urlsplit(u).hostname or "") for us in all_urls.values() for u in us
+    ):
+        log.warning(
+            "no worker secret (OCTOGRAPH_WORKER_SECRET_FILE): workers off this machine are "
+            "called without one, so their internal API must be open to anyone who reaches it"
+        )
     pools = WorkerPools(
-        worker_urls(graph, urls),
+        all_urls,
         http,
         metrics,
         health_interval_s=settings.health_interval_s,
         cooldown_s=settings.cooldown_s,
         upstreams=upstream_clients(graph),  # kind: openai models (service/remote/)
+        worker_secret=worker_secret,
     )
     router = Router(graph, pools, metrics)
     idle = settings.stream_idle_timeout_s

@@ -46,6 +46,7 @@ class FakeEngine:
     gate: asyncio.Event | None = None
     aborted: list[str] = field(default_factory=list)
     generated: list[str] = field(default_factory=list)
+    requests: list[GenerateRequest] = field(default_factory=list)  # as the worker received them
     running: set[str] = field(default_factory=set)
     # Routing tests steer choices: (prompt text, candidate ids) -> logprob per id.
     fail_after_tokens: int | None = None  # raise mid-stream after this many tokens
@@ -96,6 +97,7 @@ class FakeEngine:
         else:
             raise BadRequest("exactly one of messages, prompt, prompt_token_ids is required")
         max_tokens = check_context(len(ids), request.sampling.max_tokens, self.max_model_len)
+        self.requests.append(request)
         return PreparedPrompt(request, ids, text, max_tokens)
 
     def reply(self, prepared: PreparedPrompt, index: int) -> list[str]:

@@ -112,10 +112,13 @@ class WorkerPools:
         health_interval_s: float,
         cooldown_s: float,
         upstreams: Mapping[str, Sequence[UpstreamClient]] | None = None,
+        worker_secret: str | None = None,
     ) -> None:
         self.workers: dict[str, ModelPool[WorkerClient]] = {
             name: ModelPool(
-                name, [Replica(WorkerClient(u, http, model=name)) for u in us], cooldown_s
+                name,
+                [Replica(WorkerClient(u, http, model=name, secret=worker_secret)) for u in us],
+                cooldown_s,
             )
             for name, us in urls.items()
         }
@@ -202,14 +205,15 @@ def counted(replica: Replica[Any]) -> Callable[[], object]:
 async def first_answer(
     pool: ModelPool[C],
     call: Callable[[C], Awaitable[T]],
-    lease: Lease = counted,
+    lease: Lease | None = None,
     *,
     retries: int = 1,
 ) -> tuple[T, int]:
     """Run `call` on the least-loaded replica; if it fails before answering in a way another
     replica may not (connect refused, worker restarting, an upstream's 429/5xx), once more on
-    another one. The chosen replica stays leased through `lease` (the caller's request scope
-    releases it); failed attempts give theirs back at once. Returns (result, retries used).
+    another one. With `lease` (a request scope's), the chosen replica stays leased until the
+    scope releases it (a stream outlives this call); without, it counts in flight for the
+    call only. Failed attempts give theirs back at once. Returns (result, retries used).
     Every node kind and the router use this: one retry/cooldown policy (LiteLLM's Router)."""
     tried: set[str] = set()
     last: ServiceError | None = None
@@ -219,9 +223,9 @@ async def first_answer(
         except Unavailable:
             raise last or Unavailable(f"no healthy replica for model '{pool.name}'") from None
         tried.add(replica.url)
-        give_back = lease(replica)
+        give_back = (lease or counted)(replica)
         try:
-            return await call(replica.client), len(tried) - 1
+            result = await call(replica.client)
         except BaseException as exc:
             give_back()
             failure = failure_of(exc)
@@ -233,5 +237,9 @@ async def first_answer(
             if not retry:
                 raise error from None
             last = error
+            continue
+        if lease is None:
+            give_back()
+        return result, len(tried) - 1
     assert last is not None
     raise last

@@ -27,6 +27,7 @@ from service.gateway.clients.http11 import (
     ReadTimeout,
     StreamResponse,
 )
+from service.internal_auth import auth_header
 from service.protocol.internal import (
     ByteDistRequest,
     ByteDistResponse,
@@ -68,7 +69,16 @@ def make_http_client(
 _JSON = {"content-type": "application/json"}
 
 
-def _error_from_body(status: int, raw: bytes, reason: str = "") -> ServiceError:
+def _error_from_body(status: int, raw: bytes, reason: str = "", model: str = "") -> ServiceError:
+    if status == 401:
+        # The worker refused the gateway, not the client: never a 401 to the client (whose key
+        # was fine), and loud in the log, since every call to that worker fails.
+        log.error(
+            "a worker refused the gateway's worker secret: set the same "
+            "OCTOGRAPH_WORKER_SECRET_FILE on the gateway and its workers",
+            extra={"model": model},
+        )
+        return UpstreamError(f"a worker for '{model}' refused the gateway (worker secret)")
     try:
         body = orjson.loads(raw)
         err = body.get("error", {}) if isinstance(body, dict) else {}
@@ -81,12 +91,12 @@ def _error_from_body(status: int, raw: bytes, reason: str = "") -> ServiceError:
     return error_from_status(status, message, code)
 
 
-async def _error_from_response(response: httpx.Response) -> ServiceError:
+async def _error_from_response(response: httpx.Response, model: str) -> ServiceError:
     try:
         raw = await response.aread()
     except httpx.HTTPError:
         raw = b""
-    return _error_from_body(response.status_code, raw, response.reason_phrase)
+    return _error_from_body(response.status_code, raw, response.reason_phrase, model)
 
 
 class WorkerClient:
@@ -97,10 +107,13 @@ class WorkerClient:
         *,
         model: str = "",
         max_streams: int = MAX_CONNECTIONS,
+        secret: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model  # named in errors instead of the worker's address
         self._http = http
+        # The workers' shared secret, on every call (service/internal_auth.py).
+        self._auth: dict[str, str] = auth_header(secret) if secret else {}
         # The generate stream (the hot path) has its own lean keep-alive pool, with the shared
         # client's timeouts (service/gateway/clients/http11.py says why).
         timeout = http.timeout
@@ -124,7 +137,7 @@ class WorkerClient:
         response = await self._send("/internal/generate", body, headers)
         try:
             if response.status != 200:
-                raise _error_from_body(response.status, await response.read())
+                raise _error_from_body(response.status, await response.read(), model=self.model)
             loads = orjson.loads
             while lines := await response.next_lines():
                 for line in lines:
@@ -168,7 +181,9 @@ class WorkerClient:
     async def _send(self, path: str, body: bytes, headers: dict[str, str] | None) -> StreamResponse:
         """POST over the HTTP/1.1 pool, up to the answer's status and headers."""
         try:
-            return await self._streams.post_stream(path, body, {**_JSON, **(headers or {})})
+            return await self._streams.post_stream(
+                path, body, {**_JSON, **(headers or {}), **self._auth}
+            )
         except PoolExhausted:
             # Load (one client's fan-out, a burst), not a dead replica: never marks it down.
             raise Overloaded(
@@ -196,21 +211,25 @@ class WorkerClient:
         finally:
             response.close()
         if response.status != 200:
-            raise _error_from_body(response.status, raw)
+            raise _error_from_body(response.status, raw, model=self.model)
         return raw
 
     async def info(self) -> WorkerInfo:
         try:
-            response = await self._http.get(f"{self.base_url}/internal/info", timeout=5.0)
+            response = await self._http.get(
+                f"{self.base_url}/internal/info", timeout=5.0, headers=self._auth
+            )
         except httpx.HTTPError as exc:
             raise WorkerUnreachable(f"a worker for '{self.model}': {type(exc).__name__}") from None
         if response.status_code != 200:
-            raise await _error_from_response(response)
+            raise await _error_from_response(response, self.model)
         return WorkerInfo.model_validate_json(response.content)
 
     async def ready(self, timeout_s: float = 2.0) -> bool:
         try:
-            response = await self._http.get(f"{self.base_url}/readyz", timeout=timeout_s)
+            response = await self._http.get(
+                f"{self.base_url}/readyz", timeout=timeout_s, headers=self._auth
+            )
         except httpx.HTTPError:
             return False
         return response.status_code == 200

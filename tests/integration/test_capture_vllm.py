@@ -12,7 +12,6 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from service.bytelevel.byte_tables import TokenByteTable
+from service.models import packaged
 from service.protocol.internal import ByteDistRequest, ByteQuery
 from service.worker.byte_dist import ByteDistScorer
 from service.worker.capture import (
@@ -31,8 +31,6 @@ from service.worker.capture import (
 )
 from tests.unit.byte_reference import reference_reduction
 
-MODELS_DIR = Path(os.environ.get("OCTOGRAPH_MODELS_DIR", "~/.cache/octograph/models")).expanduser()
-MARKER = ".octograph-prepared.json"
 ATOL = 1e-4
 
 pytestmark = [
@@ -128,21 +126,15 @@ class ModelUnderTest:
         return list(final.outputs[0].token_ids), final.outputs[0].logprobs
 
 
-def _model_dirs() -> list[Any]:
-    params = []
-    for name in ("smollm2", "gemma3"):
-        path = MODELS_DIR / name
-        marks = (
-            []
-            if (path / MARKER).exists()
-            else [pytest.mark.skip(reason=f"{path} is not prepared (no {MARKER})")]
-        )
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=_model_dirs())
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["smollm2", "gemma3"])
 async def model(request: pytest.FixtureRequest) -> AsyncIterator[ModelUnderTest]:
+    # Found where the service finds it (packaged.model_dir: $OCTOGRAPH_CACHE_DIR, else
+    # ~/.cache/octograph/models); a model that is not prepared fails, as in `real_workers`.
+    if not packaged.is_prepared(request.param):
+        pytest.fail(
+            f"packaged model {request.param} not prepared in {packaged.default_cache_dir()}: "
+            "run `octograph models prepare`"
+        )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
@@ -154,7 +146,7 @@ async def model(request: pytest.FixtureRequest) -> AsyncIterator[ModelUnderTest]
     channel.start()  # before the engine: its processes inherit the socket path
     engine = AsyncLLM.from_engine_args(
         AsyncEngineArgs(
-            model=os.fspath(MODELS_DIR / name),
+            model=os.fspath(packaged.model_dir(name)),
             max_model_len=1024,
             logits_processors=[LOGITS_PROCESSOR_FQCN],
             max_logprobs=-1,
@@ -272,7 +264,7 @@ async def test_byte_reduction_equals_reduction_of_vllm_full_logprobs(
     model: ModelUnderTest,
 ) -> None:
     """The worker's byte scorer over capture == a brute-force reduction of logprobs=-1."""
-    table = TokenByteTable.from_tokenizer_file(MODELS_DIR / model.name / "tokenizer.json")
+    table = TokenByteTable.from_tokenizer_file(packaged.model_dir(model.name) / "tokenizer.json")
     limit = min(model.sizes.tokenizer, model.sizes.model)
 
     async def fetch(prefixes: list[list[int]]) -> list[np.ndarray]:

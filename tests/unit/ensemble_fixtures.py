@@ -7,20 +7,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from service.bytelevel.byte_tables import TokenByteTable
+from service.models import packaged
 
-MODELS_DIR = Path(os.path.expanduser("~/.cache/octograph/models"))
-SMOLLM2 = MODELS_DIR / "smollm2" / "tokenizer.json"
-GEMMA3 = MODELS_DIR / "gemma3" / "tokenizer.json"
+# The packaged models' tokenizers, where the service finds them: the one resolver of the model
+# cache ($OCTOGRAPH_CACHE_DIR, else ~/.cache/octograph/models).
+SMOLLM2 = packaged.model_dir("smollm2") / "tokenizer.json"
+GEMMA3 = packaged.model_dir("gemma3") / "tokenizer.json"
 
 CORPUS = (
     """\
@@ -118,7 +118,8 @@ def real_table(name: str) -> TokenByteTable:
 
 
 def real_available(name: str) -> bool:
-    return {"smollm2": SMOLLM2, "gemma3": GEMMA3}[name].exists()
+    """Prepared (the marker the service trusts), not merely a tokenizer.json lying there."""
+    return packaged.is_prepared(name) and {"smollm2": SMOLLM2, "gemma3": GEMMA3}[name].exists()
 
 
 class HashModel:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,21 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
     raise AssertionError("not ready")
 
 
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached in {timeout:.0f}s: {what}"
+        time.sleep(0.05)
+
+
+def readyz_status(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
 def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
     cfg = tmp_path / "graph.yaml"
     cfg.write_text(CONFIG)
@@ -47,8 +63,9 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "OCTOGRAPH_LOG_DIR": str(tmp_path / "logs"),
-        "OCTOGRAPH_SHUTDOWN_GRACE_S": "10",
+        "OCTOGRAPH_SHUTDOWN_GRACE_S": "20",
         "OCTOGRAPH_WORKER_FAKE_TOKEN_DELAY_S": "0.05",
+        "OCTOGRAPH_WORKER_FAKE_REPLY_WORDS": "200",
     }
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -66,11 +83,17 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
         assert len(children) >= 2
         r = httpx.post(
             f"{url}/v1/chat/completions",
-            json={"model": "general", "messages": [{"role": "user", "content": "hello world"}]},
+            json={
+                "model": "general",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": "hello world"}],
+            },
+            timeout=30,
         )
         assert r.status_code == 200 and "world" in r.json()["choices"][0]["message"]["content"]
 
-        # A slow stream (50 ms a token) in flight while SIGTERM arrives: it must finish.
+        # A slow stream (80 tokens at 50 ms: ~4 s) in flight while SIGTERM arrives: it must
+        # finish, and it keeps the gateway draining (not gone) while the checks below run.
         result: dict[str, object] = {}
         first_chunk = threading.Event()
 
@@ -80,7 +103,7 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
                 "POST",
                 f"{url}/v1/completions",
                 timeout=30,
-                json={"model": "general", "prompt": "slow", "stream": True, "max_tokens": 10},
+                json={"model": "general", "prompt": "slow", "stream": True, "max_tokens": 80},
             ) as resp:
                 for text in resp.iter_text():
                     body += text
@@ -91,20 +114,28 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
         th.start()
         assert first_chunk.wait(10)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
+        # The signal handler flips readiness: wait for it (no fixed sleep), then new work is
+        # refused with 503 `draining` while the stream is still in flight.
+        wait_until(lambda: readyz_status(url) == 503, "/readyz 503 after SIGTERM")
         refused = httpx.post(
             f"{url}/v1/chat/completions",
             json={"model": "general", "messages": [{"role": "user", "content": "late"}]},
         )
         assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "draining"
+        assert th.is_alive(), "the stream ended before the drain was observed"
         th.join(timeout=30)
         body = str(result.get("body", ""))
         assert body.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in body
         code = proc.wait(timeout=40)
         assert code == 0
-        time.sleep(0.5)
-        alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-        assert alive == [], f"orphans: {alive}"
+
+        def orphans() -> list[int]:
+            return [
+                c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+            ]
+
+        wait_until(lambda: not orphans(), "every worker process gone", timeout=10)
         print(f"up -> ready in {startup_s:.1f}s (fake workers)")
     finally:
         if proc.poll() is None:

@@ -339,8 +339,10 @@ async def test_slow_upstream_times_out_with_504(remote_stack) -> None:
     t0 = time.monotonic()
     async with stack.openai() as client:
         with pytest.raises(openai.APIStatusError) as info:
-            await client.chat.completions.create(**CHAT)
-    assert time.monotonic() - t0 < 2.5  # the gateway gave up; it did not wait for the answer
+            await asyncio.wait_for(client.chat.completions.create(**CHAT), 30)
+    # The upstream does answer (200, after 3 s): a 504 means the gateway gave up first, so no
+    # wall-clock upper bound is needed; the lower one says it did not give up early.
+    assert time.monotonic() - t0 >= 0.3
     assert info.value.status_code == 504 and info.value.body["type"] == "timeout"  # type: ignore[index]
     assert not stack.pool.replicas[0].healthy  # counted against the replica
 
@@ -420,12 +422,12 @@ async def test_client_disconnect_closes_the_upstream_stream(remote_stack) -> Non
     ):
         async for _ in r.aiter_lines():
             break  # the first chunk arrived; now the client goes away
-    t0 = time.monotonic()
+    t0 = time.monotonic()  # deadlines for conditions, generous: a busy machine is slow
     while up.closed_streams == 0:
-        assert time.monotonic() - t0 < 2.0, "the upstream stream was not closed"
+        assert time.monotonic() - t0 < 10.0, "the upstream stream was not closed"
         await asyncio.sleep(0.01)
     while stack.app.state.gateway.pipeline.admission.inflight:
-        assert time.monotonic() - t0 < 2.0, "the node's admission slot was not released"
+        assert time.monotonic() - t0 < 10.0, "the node's admission slot was not released"
         await asyncio.sleep(0.01)
     assert stack.pool.replicas[0].inflight == 0
 

@@ -1,5 +1,7 @@
 """Fuzz the public API from its own OpenAPI schema (schemathesis + hypothesis): whatever the
 body, the gateway answers with a 2xx or an OpenAI error body, never a 5xx or a traceback.
+Generation is really reached: `model` is pinned to the served ids (one run keeps it free), and
+a floor on the share of valid generation bodies answered 200 says so.
 
 Marked slow. The gateway and its fake workers run as real servers in a background thread (the
 schemathesis pytest plugin drives synchronous tests)."""
@@ -7,12 +9,14 @@ schemathesis pytest plugin drives synchronous tests)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import hypothesis
 import pytest
 import schemathesis
@@ -82,28 +86,81 @@ def check_response(case: Any, stack_url: str) -> int:
     return int(response.status_code)
 
 
-def test_no_body_makes_the_gateway_fail(stack_url: str) -> None:
-    # Driven by hand rather than through schemathesis' pytest plugin, which does not load
-    # under this pytest version.
-    schema = schemathesis.openapi.from_url(f"{stack_url}/openapi.json")
+GENERATION = {
+    "/v1/chat/completions": "ChatCompletionRequest",
+    "/v1/completions": "CompletionRequest",
+}
+# Valid (positive-mode) bodies on a served id that must be answered 200, per generation
+# operation. Valid by the schema is not always servable: an empty prompt, `top_logprobs`
+# without `logprobs`, a `max_tokens` beyond the context, 5+ stop strings, `byte_exact` on a
+# model without tokenizer files (the schema cannot say these) are refused with a 400 by design.
+# Measured, 100 examples each, four runs: chat 48-67% 200s, completions 23-50% (most of its
+# 400s: "the prompt is empty"); unpinned, both 0%. The floors sit well under the spread and
+# catch what this test is for: generation barely reached.
+MIN_SERVED_SHARE = {"/v1/chat/completions": 0.25, "/v1/completions": 0.12}
+
+
+def pinned_schema(raw: dict[str, Any], served: list[str]) -> dict[str, Any]:
+    """The gateway's own OpenAPI document with `model` of the generation operations (and of
+    /v1/route) pinned to the ids it serves (GET /v1/models): a free string is almost always an
+    unknown model (404), which would fuzz the model lookup instead of generation."""
+    schema = copy.deepcopy(raw)
+    components = schema["components"]["schemas"]
+    for name in (*GENERATION.values(), "RouteRequest"):
+        components[name]["properties"]["model"] = {"type": "string", "enum": served}
+    return schema
+
+
+def fuzz_operation(
+    operation: Any, mode: GenerationMode, counts: Counter[int], stack_url: str, examples: int
+) -> None:
+    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+    @hypothesis.settings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=list(hypothesis.HealthCheck),
+        database=None,
+    )
+    def fuzz(case: Any) -> None:
+        counts[check_response(case, stack_url)] += 1
+
+    fuzz()
+
+
+def run(
+    schema: Any, stack_url: str, examples: int
+) -> dict[tuple[str, str, GenerationMode], Counter[int]]:
+    """Every /v1/ operation in both modes; status counts per (method, path, mode)."""
     operations = [op.ok() for op in schema.get_all_operations() if op.ok().path.startswith("/v1/")]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions"}
-    statuses: Counter[int] = Counter()
+    assert {op.path for op in operations} >= set(GENERATION)
+    statuses: dict[tuple[str, str, GenerationMode], Counter[int]] = {}
     for operation, mode in itertools.product(operations, GenerationMode):
         if mode is GenerationMode.NEGATIVE and operation.method.upper() != "POST":
             continue  # nothing to make invalid in a GET without parameters
+        counts = statuses.setdefault((operation.method.upper(), operation.path, mode), Counter())
+        fuzz_operation(operation, mode, counts, stack_url, examples)
+    return statuses
 
-        @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-        @hypothesis.settings(
-            max_examples=50,
-            deadline=None,
-            suppress_health_check=list(hypothesis.HealthCheck),
-            database=None,
+
+def test_no_body_makes_the_gateway_fail(stack_url: str) -> None:
+    # Driven by hand rather than through schemathesis' pytest plugin, which does not load
+    # under this pytest version.
+    raw = httpx.get(f"{stack_url}/openapi.json", timeout=30).json()
+    served = [m["id"] for m in httpx.get(f"{stack_url}/v1/models", timeout=30).json()["data"]]
+    assert {"auto", "general", "alpha"} <= set(served)
+    # Pinned: bodies name a served node or model, so generation itself is fuzzed.
+    pinned = run(schemathesis.openapi.from_dict(pinned_schema(raw, served)), stack_url, 100)
+    # Unpinned, as the schema says (any string): the lookup of unknown models is fuzzed too.
+    free = run(schemathesis.openapi.from_dict(raw), stack_url, 30)
+    for name, statuses in (("pinned", pinned), ("free", free)):
+        for (method, path, mode), counts in statuses.items():
+            print(f"fuzz {name} {method} {path} {mode.value}: {dict(sorted(counts.items()))}")
+    for path, floor in MIN_SERVED_SHARE.items():
+        counts = pinned[("POST", path, GenerationMode.POSITIVE)]
+        share = counts[200] / sum(counts.values())
+        assert share >= floor, (path, f"{share:.0%} of valid bodies served", dict(counts))
+        # Invalid bodies were really sent, and refused with a 4xx (never a 5xx: check_response).
+        assert sum(
+            n for s, n in pinned[("POST", path, GenerationMode.NEGATIVE)].items() if s >= 400
         )
-        def fuzz(case: Any) -> None:
-            statuses[check_response(case, stack_url)] += 1
-
-        fuzz()
-    print(f"fuzz: status counts {dict(statuses)}")
-    # Both valid bodies (served) and invalid ones (refused with a 4xx) were really sent.
-    assert statuses[200] > 0 and sum(n for s, n in statuses.items() if s >= 400) > 0, statuses
+    assert free[("GET", "/v1/models", GenerationMode.POSITIVE)][200] > 0

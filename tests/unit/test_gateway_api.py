@@ -334,3 +334,18 @@ async def test_request_id_echoed_but_never_the_engine_id(make_stack):
     assert len(engine_ids) == 2 and len(set(engine_ids)) == 2 and "abc-123" not in engine_ids
     ids = {first.json()["id"], second.json()["id"]}
     assert len(ids) == 2 and all(i.startswith("chatcmpl-") and "abc-123" not in i for i in ids)
+
+
+async def test_byte_exact_without_tokenizer_files_is_a_400_naming_it(make_stack):
+    """Found by the fuzz test once `model` was pinned: `byte_exact` on a model the gateway has
+    no tokenizer files for was a 503. The request is fine without it (the client's choice),
+    so it is a 400 on `byte_exact`, as for a remote model; the engine is not called."""
+    stack = await make_stack()
+    for model in ("alpha", "general"):
+        r = await stack.client.post(
+            "/v1/completions", json={"model": model, "prompt": "The capi", "byte_exact": True}
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "byte_exact" and "tokenizer files" in error["message"]
+    assert stack.engine("alpha").generated == []

@@ -159,6 +159,16 @@ class EnsembleRunner:
             mode = node.mode
         elif target.model is not None and target.model in self.pools.workers:
             spec, mode = [(target.model, 1.0)], "mix"
+            try:  # loaded once per model and kept: the loop below finds them in the cache
+                async with asyncio.timeout(plan.ctx.remaining()):
+                    await self.assets.get(target.model)
+            except Unavailable as exc:
+                # A model this gateway has no tokenizer files for cannot heal tokens; the
+                # request is fine without byte_exact: the client's choice, so a 400, not a 503.
+                raise BadRequest(
+                    f"byte_exact is not available for '{target.node_id}': {exc.message}",
+                    param="byte_exact",
+                ) from None
         else:
             raise BadRequest(
                 f"byte_exact needs a model served by Octograph's workers; '{target.node_id}' "

@@ -218,3 +218,79 @@ async def test_octopus_v4_checkpoint_tokens_and_prompt(make_stack) -> None:
     # The released checkpoint's token numbers and its own system prompt.
     assert sorted(calls[0]) == [FUNCTIONAL_BASE + 4, FUNCTIONAL_BASE + 16]
     assert engine.scored[-1].startswith(OCTOPUS_SYSTEM_PROMPT)
+
+
+OCTOPUS_GRAPH = """
+models:
+  alpha: {urls: ["http://placeholder"], max_model_len: 256}
+  octopus: {urls: ["http://placeholder"]}
+root: root
+nodes:
+  root:
+    kind: router
+    model: octopus
+    prompt_format: octopus-v4
+    reformat: true
+    tokens: {math: 3, general: 7}
+    children: [math, general]
+    fallback: general
+  math: {kind: model, model: alpha}
+  general: {kind: model, model: alpha}
+"""
+
+
+@pytest.mark.asyncio
+async def test_reformat_true_generates_and_parses_the_octopus_call(make_stack) -> None:
+    """`reformat: true` (Octopus-v4 routers): after the token is chosen, the router model
+    writes the reformatted query after `<nexa_k>('` (k from the node's `tokens:` map, greedy,
+    stopped at `<nexa_end>`), and the parsed query is reported by /v1/route and by the reply's
+    `octograph` field. The fake router model answers as the released checkpoint does."""
+    from service.graph.functional_tokens import END_TOKEN
+    from service.graph.router_prompt import OCTOPUS_SYSTEM_PROMPT
+
+    stack = await make_stack(OCTOPUS_GRAPH)
+    octopus = stack.engine("octopus")
+    seen: list[str] = []
+
+    def hook(text: str, ids: list[int]) -> dict[int, float]:
+        seen.append(text)
+        return {i: (-0.05 if i == FUNCTIONAL_BASE + 3 else -4.0) for i in ids}
+
+    octopus.score_hook = hook
+    # What Octopus-v4 writes after `<nexa_3>('`: the query, the closing `')`, the end token
+    # (the gateway's stop), then anything (cut by the stop).
+    octopus.reply = lambda _prepared, _index: [  # type: ignore[method-assign]
+        "What",
+        "is",
+        "the",
+        "derivative",
+        "of",
+        "x^3?')" + END_TOKEN,
+        "ignored",
+    ]
+    query = "hey, quick one: derivative of x cubed??"
+    body = await route(stack, query)
+    assert body["node"] == "math" and body["octograph"]["route"] == ["root", "math"]
+    assert body["octograph"]["reformatted_query"] == "What is the derivative of x^3?"
+    # The generation the gateway asked the router model for.
+    request = octopus.requests[-1]
+    assert request.assistant_prefix == "<nexa_3>('"
+    assert request.sampling.temperature == 0.0 and request.sampling.stop == [END_TOKEN]
+    assert [(t.role, t.content) for t in request.messages or []] == [
+        ("system", OCTOPUS_SYSTEM_PROMPT),
+        ("user", query),
+    ]
+    # The same on the generation path: the reply carries it, the leaf answers.
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "auto", "messages": [{"role": "user", "content": query}]},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["octograph"]["reformatted_query"] == "What is the derivative of x^3?"
+    assert r.headers["x-octograph-route"] == "root>math"
+    # Without `reformat`, nothing is generated on the router model.
+    plain = await make_stack(OCTOPUS_GRAPH.replace("reformat: true", "reformat: false"))
+    plain.engine("octopus").score_hook = hook
+    body = await route(plain, query)
+    assert body["octograph"]["reformatted_query"] is None
+    assert plain.engine("octopus").generated == []

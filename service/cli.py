@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from service.config import StartupError
 from service.graph.schema import GraphError
-from service.internal_auth import SecretFileError
 
 # A worker whose engine died after start-up exits with this (after draining), so that whatever
 # supervises it (Kubernetes, compose, `octograph up`) starts a new one.
@@ -24,6 +24,7 @@ ENGINE_DEAD_EXIT = 3
 def _gateway(args: argparse.Namespace) -> int:
     from service.config import GatewaySettings
     from service.gateway.app import build_gateway_app
+    from service.gateway.auth import check_exposure
     from service.graph.schema import load_graph
     from service.observability.logging import setup_logging
     from service.serving import Lifecycle, serve
@@ -39,6 +40,7 @@ def _gateway(args: argparse.Namespace) -> int:
         if v is not None
     }
     settings = GatewaySettings(**overrides)
+    check_exposure(settings)
     setup_logging(settings.log_level, settings.log_json)
     graph = load_graph(settings.config)
     lifecycle = Lifecycle()
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (GraphError, SecretFileError) as exc:
+    except (GraphError, StartupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # settings from flags or OCTOGRAPH_* variables

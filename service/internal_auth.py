@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from service.config import StartupError
 from service.errors import Unauthorized, render
 
 Scope = MutableMapping[str, Any]
@@ -37,17 +38,20 @@ MIN_SECRET_CHARS = 32
 SECRET_FILE_NAME = "worker-secret"
 
 
-class SecretFileError(ValueError):
+class SecretFileError(StartupError):
     """The configured secret file cannot be used: the process must not start (never open)."""
 
 
 def read_secret_file(path: Path) -> str:
-    """The secret in `path` (surrounding whitespace stripped). Raises SecretFileError when the
-    file is unreadable, empty or too short: a configured secret never falls back to open."""
+    """The secret in `path`: its first line that is neither blank nor a `#` comment, stripped.
+    Raises SecretFileError when the file is unreadable, holds no secret or a short one: a
+    configured secret never falls back to open."""
     try:
-        secret = path.read_text(encoding="utf-8").strip()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise SecretFileError(f"worker secret file {path}: {type(exc).__name__}") from None
+    found = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    secret = found[0] if found else ""
     if len(secret) < MIN_SECRET_CHARS:
         raise SecretFileError(
             f"worker secret file {path}: the secret must be at least {MIN_SECRET_CHARS} "

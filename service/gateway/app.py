@@ -94,7 +94,7 @@ def build_gateway_app(
         metrics,
         health_interval_s=settings.health_interval_s,
         cooldown_s=settings.cooldown_s,
-        upstreams=upstream_clients(graph),  # kind: openai models (service/remote/)
+        upstreams=upstream_clients(graph),  # kind: openai models (runners/remote.py)
         worker_secret=worker_secret,
     )
     router = Router(graph, pools, metrics)
@@ -159,6 +159,7 @@ def build_gateway_app(
         lifecycle=lifecycle,
         max_body_bytes=settings.max_body_bytes,
         metrics_open=settings.metrics_port is None and not keys.enabled,
+        allow_open=settings.allow_open,
     )
     return app
 

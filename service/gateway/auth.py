@@ -1,24 +1,50 @@
 """API keys: deny by default when any key is configured; constant-time comparison of SHA-256
 digests; keys from settings and/or a file re-read when it changes (rotation without restart).
-Keys never reach logs: only their digests are kept."""
+Keys never reach logs: only their digests are kept.
+
+The keys file is checked once a second and reloaded when its *content* changed (a SHA-256 of
+the bytes, not the mtime: an in-place rewrite read half-way is corrected on the next check,
+whatever the timestamps say). A file that disappears takes its keys with it: deleting the file
+revokes them (with no static keys left, every request is refused until it is back). A file that
+cannot be read or decoded keeps the keys loaded before (a warning in the log, never a 500).
+
+Exposure rules, checked at start-up (`check_exposure`): without any key the gateway is open,
+which it accepts on a loopback bind only unless OCTOGRAPH_ALLOW_OPEN=true; a key that the
+repository publishes as an example is refused wherever it comes from."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import logging
-import os
 import time
 from pathlib import Path
 
+from service.config import GatewaySettings, StartupError
 from service.errors import ServiceError, Unauthorized
+from service.internal_auth import is_loopback_host
 
 log = logging.getLogger(__name__)
 FILE_CHECK_INTERVAL_S = 1.0
+MAX_KEYS_FILE_BYTES = 1 << 20
+# Keys committed to this repository as examples: public, so never accepted.
+PUBLIC_EXAMPLE_KEYS = frozenset({"octograph-local-dev-key-change-me"})
+
+
+class ExposureError(StartupError):
+    """A configuration that would expose the API to anyone: the gateway does not start."""
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+_PUBLIC_DIGESTS = frozenset(_digest(k) for k in PUBLIC_EXAMPLE_KEYS)
+
+
+def parse_keys(text: str) -> list[str]:
+    lines = text.splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
 
 class ApiKeys:
@@ -30,9 +56,15 @@ class ApiKeys:
         self._static = [_digest(k) for k in keys if k]
         self._file = keys_file
         self._file_digests: list[bytes] = []
-        self._file_mtime: float | None = None
+        self._file_hash: bytes | None = None
         self._checked_at = 0.0
+        self.refused_public = False  # the file held a public example key (dropped)
         self._reload(force=True)
+        if any(d in _PUBLIC_DIGESTS for d in self._static) or self.refused_public:
+            raise ExposureError(
+                "an API key is the public example key from this repository "
+                f"({', '.join(sorted(PUBLIC_EXAMPLE_KEYS))}): use keys of your own"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -46,18 +78,32 @@ class ApiKeys:
             return
         self._checked_at = now
         try:
-            mtime = os.stat(self._file).st_mtime
-        except OSError:
-            if self._file_digests:
-                log.warning("api keys file unreadable; keeping the previous keys")
+            with open(self._file, "rb") as f:
+                raw = f.read(MAX_KEYS_FILE_BYTES)
+        except FileNotFoundError:
+            if self._file_digests or self._file_hash is None:
+                log.warning("api keys file is gone: its keys are revoked")
+            self._file_digests, self._file_hash = [], b""
             return
-        if mtime == self._file_mtime:
+        except OSError as exc:
+            log.warning("api keys file unreadable (%s); keeping the previous keys", exc.strerror)
             return
-        lines = self._file.read_text(encoding="utf-8").splitlines()
-        keys = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        self._file_digests = [_digest(k) for k in keys]
-        self._file_mtime = mtime
-        log.info("api keys loaded", extra={"count": len(keys)})
+        content_hash = hashlib.sha256(raw).digest()
+        if content_hash == self._file_hash:
+            return
+        try:
+            keys = parse_keys(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            log.warning("api keys file is not UTF-8; keeping the previous keys")
+            return
+        digests = [_digest(k) for k in keys]
+        public = [d for d in digests if d in _PUBLIC_DIGESTS]
+        if public:
+            self.refused_public = True
+            log.error("api keys file holds the public example key; it is not accepted")
+        self._file_digests = [d for d in digests if d not in _PUBLIC_DIGESTS]
+        self._file_hash = content_hash
+        log.info("api keys loaded", extra={"count": len(self._file_digests)})
 
     def authenticate(self, authorization: str | None) -> tuple[str | None, ServiceError | None]:
         """(the key's identity, None) when allowed (identity None in open mode), else
@@ -75,3 +121,16 @@ class ApiKeys:
         if not ok:
             return None, Unauthorized("invalid API key")
         return given.hex()[:16], None
+
+
+def check_exposure(settings: GatewaySettings) -> None:
+    """Refuse to serve an open API (no key) on a non-loopback address, unless the operator says
+    so with OCTOGRAPH_ALLOW_OPEN=true."""
+    keyed = bool(settings.api_keys) or settings.api_keys_file is not None
+    if keyed or settings.allow_open or is_loopback_host(settings.host):
+        return
+    raise ExposureError(
+        f"refusing to serve without API keys on {settings.host}: anyone who can reach it could "
+        "use it. Set OCTOGRAPH_API_KEYS or OCTOGRAPH_API_KEYS_FILE, bind 127.0.0.1, or set "
+        "OCTOGRAPH_ALLOW_OPEN=true if an open API is what you want"
+    )

@@ -1,16 +1,33 @@
 """Pure-ASGI middleware (not BaseHTTPMiddleware, which breaks streaming and cancellation):
-request ids, auth, body-size limit and draining, in that order. Admission is not here: it
-weighs a request by its cost, known only once its body has arrived (pipeline.py)."""
+request ids, Host (keyless mode), auth, Content-Type, body-size limit and draining, in that
+order. Admission is not here: it weighs a request by its cost, known only once its body has
+arrived (pipeline.py).
+
+Browser-borne requests: a POST to /v1/* must say `Content-Type: application/json` (415
+otherwise), which an HTML form or a "simple" cross-origin fetch cannot send, so a web page
+cannot drive the API (CSRF). A gateway without API keys also answers only to loopback Host
+values (localhost, *.localhost, 127.0.0.0/8, [::1]): a DNS-rebinding page that reaches it
+under its own host name gets a 400 (unless OCTOGRAPH_ALLOW_OPEN=true)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from service.errors import PayloadTooLarge, ServiceError, Unavailable, render
+from service.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ServiceError,
+    Unavailable,
+    UnsupportedMediaType,
+    render,
+)
 from service.gateway.auth import ApiKeys
+from service.internal_auth import is_loopback_host
 from service.serving import Lifecycle
 
 Scope = MutableMapping[str, Any]
@@ -24,6 +41,14 @@ OPEN_PATHS = frozenset({"/livez", "/readyz", "/console"})
 OPEN_PREFIXES = ("/console/static/",)
 ADMITTED_PREFIXES = ("/v1/",)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+JSON_PREFIXES = ("/v1/",)
+# An oversized body announced by Content-Length is read and thrown away (up to this much, for
+# at most DISCARD_TIMEOUT_S) before the 413 goes out: a client that writes its whole body before
+# reading (Python's urllib and requests do) would otherwise meet a reset connection, not the
+# 413. Beyond the bound, or with `Expect: 100-continue` (the client waits for us), the 413 goes
+# out at once and the connection closes.
+MAX_DISCARD_BYTES = 16 << 20
+DISCARD_TIMEOUT_S = 10.0
 
 
 async def send_error(
@@ -45,12 +70,14 @@ class GatewayMiddleware:
         lifecycle: Lifecycle,
         max_body_bytes: int,
         metrics_open: bool,
+        allow_open: bool = False,
     ) -> None:
         self.app = app
         self.keys = keys
         self.lifecycle = lifecycle
         self.max_body = max_body_bytes
         self.open_paths = OPEN_PATHS | ({"/metrics"} if metrics_open else set())
+        self.allow_open = allow_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,17 +94,45 @@ class GatewayMiddleware:
             await send(message)
 
         path: str = scope["path"]
+        if not self.keys.enabled and not self.allow_open and path not in OPEN_PATHS:
+            host = _header(scope, b"host")
+            if host is not None and not loopback_host_header(host):
+                await send_error(
+                    send_with_id,
+                    BadRequest(
+                        "this gateway has no API keys, so it answers only to localhost; "
+                        "configure API keys to serve it under another host name",
+                        code="host_not_allowed",
+                    ),
+                )
+                return
         if path not in self.open_paths and not path.startswith(OPEN_PREFIXES):
             key, error = self.keys.authenticate(_header(scope, b"authorization"))
             if error is not None:
                 await send_error(send_with_id, error, [(b"www-authenticate", b"Bearer")])
                 return
             scope["state"]["api_key"] = key  # who, for per-key limits (admission.py)
+        if scope["method"] == "POST" and path.startswith(JSON_PREFIXES):
+            content_type = _header(scope, b"content-type") or ""
+            if content_type.split(";", 1)[0].strip().lower() != "application/json":
+                await send_error(
+                    send_with_id,
+                    UnsupportedMediaType(
+                        "send the request body as JSON with 'Content-Type: application/json'",
+                        code="unsupported_media_type",
+                    ),
+                    [(b"connection", b"close")],
+                )
+                return
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
+            expects_continue = (_header(scope, b"expect") or "").lower() == "100-continue"
+            if int(length) <= MAX_DISCARD_BYTES and not expects_continue:
+                await _discard_body(receive)
             await send_error(
                 send_with_id,
                 PayloadTooLarge(f"the request body is larger than {self.max_body} bytes"),
+                [(b"connection", b"close")],
             )
             return
         if not path.startswith(ADMITTED_PREFIXES):
@@ -108,6 +163,28 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if k == name:
             return bytes(v).decode("latin-1")
     return None
+
+
+def loopback_host_header(host: str) -> bool:
+    """Whether a Host header names this machine's loopback (port ignored)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name = host[1 : host.find("]")] if "]" in host else host[1:]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.rstrip(".")
+    return name == "localhost" or name.endswith(".localhost") or is_loopback_host(name)
+
+
+async def _discard_body(receive: Receive) -> None:
+    """Reads the request body to its end and drops it (bounded by the caller's check of
+    Content-Length and by DISCARD_TIMEOUT_S)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DISCARD_TIMEOUT_S):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
 
 
 def _limited(receive: Receive, limit: int) -> Receive:

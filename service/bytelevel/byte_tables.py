@@ -34,7 +34,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -543,10 +542,3 @@ def _successor(prefix: bytes) -> bytes | None:
     if not stripped:
         return None
     return stripped[:-1] + bytes([stripped[-1] + 1])
-
-
-def timed_load(path: str | os.PathLike[str], **kwargs: Any) -> tuple[TokenByteTable, float]:
-    """Load a table and report the seconds it took (for benchmarks and logs)."""
-    start = time.perf_counter()
-    table = TokenByteTable.from_tokenizer_file(path, **kwargs)
-    return table, time.perf_counter() - start

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import codecs
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from numpy.typing import ArrayLike, NDArray
+from numpy.typing import NDArray
 
-from service.bytelevel.covering import CoveringTree
-from service.bytelevel.mixing import AdaptiveMixer, log_normalize, mix, product
+from service.bytelevel.mixing import log_normalize
 from service.bytelevel.utf8 import Utf8State
 
 F64 = NDArray[np.float64]
@@ -124,89 +121,3 @@ class Utf8Buffer:
         self._decoder.reset()
         self.state = Utf8State()
         return ""
-
-
-@dataclass(slots=True)
-class StepResult:
-    outcome: int  # byte value, or STOP
-    logprob: float  # under the mixed distribution, before temperature/top-p
-    text: str  # complete characters released by this step
-
-
-class ByteEnsemble:
-    """Members' covering trees + a combination rule: the gateway's per-request byte loop."""
-
-    def __init__(
-        self,
-        trees: Sequence[CoveringTree],
-        *,
-        mode: MixMode = "mix",
-        weights: ArrayLike | None = None,
-        alpha: float = 0.0,
-    ) -> None:
-        if not trees:
-            raise ValueError("an ensemble needs at least one member")
-        if mode not in ("mix", "product", "adaptive"):
-            raise ValueError(f"unknown mixing mode {mode!r}")
-        self.trees = list(trees)
-        self.mode: MixMode = mode
-        self.weights = weights
-        self.adaptive = AdaptiveMixer(len(trees), weights, alpha) if mode == "adaptive" else None
-        self.buffer = Utf8Buffer()
-        self.finished = False
-
-    def member_logprobs(self) -> F64:
-        """(members, 257) next-byte log-probabilities (one oracle call per member)."""
-        return np.stack([t.next_byte_logprobs() for t in self.trees])
-
-    def combine(self, member_lps: F64) -> F64:
-        if self.adaptive is not None:
-            return self.adaptive.combine(member_lps)
-        if self.mode == "product":
-            return product(member_lps, self.weights)
-        return mix(member_lps, self.weights)
-
-    def next_byte_logprobs(self) -> F64:
-        return self.combine(self.member_logprobs())
-
-    def _advance(self, member_lps: F64, byte: int) -> float:
-        lp = float(self.combine(member_lps)[byte])
-        if self.adaptive is not None:
-            self.adaptive.update(member_lps, byte)
-        for tree in self.trees:
-            tree.advance(byte)
-        return lp
-
-    def observe(self, data: bytes) -> F64:
-        """Teacher-force `data` (e.g. the prompt's bytes): members advance, adaptive weights
-        learn from it, and nothing is streamed.  Returns the mixture's log-prob per byte."""
-        for tree in self.trees:
-            tree.prefetch(data)
-        out = np.empty(len(data))
-        for i, byte in enumerate(data):
-            out[i] = self._advance(self.member_logprobs(), byte)
-        return out
-
-    def step(self, sampler: ByteSampler) -> StepResult:
-        if self.finished:
-            raise RuntimeError("the stream has already stopped")
-        member_lps = self.member_logprobs()
-        mixed = self.combine(member_lps)
-        outcome = sampler.sample(mixed, self.buffer.state)
-        if outcome == STOP:
-            self.finished = True
-            if self.adaptive is not None:
-                self.adaptive.update(member_lps, STOP)
-            return StepResult(STOP, float(mixed[STOP]), self.buffer.flush())
-        lp = self._advance(member_lps, outcome)
-        return StepResult(outcome, lp, self.buffer.push(outcome))
-
-    def generate(self, sampler: ByteSampler, max_bytes: int) -> Iterator[str]:
-        """Stream complete characters until stop or `max_bytes` bytes."""
-        for _ in range(max_bytes):
-            result = self.step(sampler)
-            if result.text:
-                yield result.text
-            if result.outcome == STOP:
-                return
-        self.buffer.flush()

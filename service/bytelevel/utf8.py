@@ -85,14 +85,6 @@ class Utf8State:
 _LEGAL_LEADS = np.array([b for b in range(256) if _lead_info(b) is not None], dtype=np.int64)
 
 
-def utf8_state(data: bytes) -> Utf8State:
-    """The automaton's state after `data`."""
-    state = Utf8State()
-    for byte in data:
-        state = state.push(byte)
-    return state
-
-
 def is_complete(data: bytes) -> bool:
     """`data` is complete, well-formed UTF-8 (cheaper than the automaton for long strings)."""
     try:

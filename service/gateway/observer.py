@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from service.errors import ServiceError
 from service.gateway.console.stats import ConsoleStats, classify
@@ -30,6 +31,33 @@ class Observers:
     metrics: GatewayMetrics
     console: ConsoleStats
     known_ids: frozenset[str]  # label values are bounded by the graph's ids
+
+    def __post_init__(self) -> None:
+        self._series: dict[str, NodeSeries] = {}
+
+    def series(self, node: str) -> NodeSeries:
+        """A node's labelled children, looked up once (`labels()` costs a few us a call)."""
+        s = self._series.get(node)
+        if s is None:
+            m = self.metrics
+            s = self._series[node] = NodeSeries(
+                m.ttft.labels(node), m.duration.labels(node), m.tokens.labels(node), {}
+            )
+        return s
+
+
+@dataclass
+class NodeSeries:
+    ttft: Any
+    duration: Any
+    tokens: Any
+    requests: dict[str, Any]  # status class -> counter child
+
+    def request(self, metrics: GatewayMetrics, node: str, status: str) -> Any:
+        child = self.requests.get(status)
+        if child is None:
+            child = self.requests[status] = metrics.requests.labels(node, status)
+        return child
 
 
 class RequestObserver:
@@ -68,7 +96,7 @@ class RequestObserver:
     def first_byte(self) -> None:
         if self.first_byte_at is None:
             self.first_byte_at = time.monotonic()
-            self.sinks.metrics.ttft.labels(self.node).observe(self.first_byte_at - self.started)
+            self.sinks.series(self.node).ttft.observe(self.first_byte_at - self.started)
 
     def finished(self, failure: BaseException | None, completion_tokens: int | None = None) -> None:
         """The request is over: `failure` None for success. Idempotent."""
@@ -79,15 +107,16 @@ class RequestObserver:
         seconds = now - self.started
         outcome = classify(failure, deadline_passed=now >= self.deadline)
         m = self.sinks.metrics
+        series = self.sinks.series(self.node)
         status = _status(failure, outcome)
-        m.requests.labels(self.node, status).inc()
-        m.duration.labels(self.node).observe(seconds)
+        series.request(m, self.node, status).inc()
+        series.duration.observe(seconds)
         reason = ""
         if outcome in ("error", "client_error"):
             reason = failure.type if isinstance(failure, ServiceError) else "internal_error"
             m.errors.labels(self.node, reason).inc()
         if completion_tokens:
-            m.tokens.labels(self.node).inc(completion_tokens)
+            series.tokens.inc(completion_tokens)
             if self.node_kind == "ensemble" and self.first_byte_at is not None:
                 # Bytes over the time they were produced in (the first byte's wait is TTFT).
                 span = max(now - self.first_byte_at, 1e-6)

@@ -59,9 +59,10 @@ class RequestScope:
             try:
                 pending = release()
                 if pending is not None:
-                    # Closing a worker stream is what aborts the worker: it must finish even
-                    # when the task closing it is being cancelled (the client left).
-                    await asyncio.shield(pending)
+                    # Closing a worker stream is what aborts the worker. The callers run this
+                    # where a disconnect no longer cancels them (the front door's shield, the
+                    # pipeline's failure path): no shield task per request on the hot path.
+                    await pending
             except asyncio.CancelledError:
                 continue
             except Exception:

@@ -3,12 +3,13 @@ anything that looks like a credential is redacted before it is written."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
 import time
 from typing import Any
+
+import orjson
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|token|secret|password)", re.I)
@@ -32,10 +33,14 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key in _STANDARD or key.startswith("_"):
                 continue
-            out[key] = "***" if _SECRET_KEYS.search(key) else redact(value)
+            if _SECRET_KEYS.search(key):
+                out[key] = "***"
+            else:
+                out[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+            out["exc"] = redact(self.formatException(record.exc_info))
+        # orjson: every request writes a line (the observer's), ~3x cheaper than json.dumps.
+        return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def setup_logging(level: str = "INFO", json_logs: bool = True) -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
 
 import pytest
 
@@ -111,28 +111,25 @@ def test_classify() -> None:
     assert classify(RuntimeError("bug")) == "error"
 
 
-async def _events(n: int, fail: bool = False) -> AsyncIterator[int]:
-    for i in range(n):
-        yield i
-    if fail:
-        raise UpstreamError("worker died")
+def test_observer_records_once_however_the_request_ends() -> None:
+    """The request's observer is what feeds the console now (one per request, the end
+    recorded exactly once): ok, failed, and a client that went away."""
+    from prometheus_client import CollectorRegistry
 
+    from service.gateway.observer import Observers, RequestObserver
+    from service.observability.metrics import GatewayMetrics
 
-async def test_watch_records_once_however_the_stream_ends() -> None:
     clock = Clock()
     stats = ConsoleStats(["math"], clock=clock)
-    route = RouteResult(node="math", route=["math"])
-    far = clock.t + 100
-    assert [e async for e in stats.watch(route, clock.t - 0.25, far, _events(3))] == [0, 1, 2]
-    with pytest.raises(UpstreamError):
-        async for _ in stats.watch(route, clock.t, far, _events(2, fail=True)):
-            pass
-    gen = stats.watch(route, clock.t, far, _events(10))
-    await anext(gen)
-    await gen.aclose()  # the client went away
+    sinks = Observers(GatewayMetrics(CollectorRegistry()), stats, frozenset({"math"}))
+    for failure in (None, UpstreamError("worker died"), asyncio.CancelledError()):
+        obs = RequestObserver(sinks, "r", time.monotonic(), time.monotonic() + 100)
+        obs.routed(RouteResult(node="math", route=["math"]))
+        obs.running("math", "model")
+        obs.finished(failure)
+        obs.finished(None)  # a second end is ignored
     snap = stats.node("math")
     assert (snap.requests_total, snap.errors_total) == (3, 1)
-    assert snap.p50_s == pytest.approx(0.25)
 
 
 # -- the API on a fake stack ----------------------------------------------------------------

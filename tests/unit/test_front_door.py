@@ -1,6 +1,7 @@
-"""The generation endpoints' plain-ASGI lane (service/gateway/front_door.py) answers exactly as
-the FastAPI routes it shadows would: same error bodies for bad input, other methods and routes
-untouched, headers and bodies of replies as before."""
+"""The generation endpoints' front door (service/gateway/front_door.py), their only
+implementation, answers as FastAPI's routes do: the same error bodies for bad input (/v1/route is
+FastAPI's), 405 for other methods, other routes untouched, and it is described in the OpenAPI
+document."""
 
 from __future__ import annotations
 
@@ -47,3 +48,22 @@ async def test_replies_keep_their_headers(make_stack) -> None:
         assert s.headers["x-octograph-route"] == "general"
         lines = [line async for line in s.aiter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
+
+
+async def test_openapi_describes_the_generation_operations(make_stack) -> None:
+    """No FastAPI handler serves them, yet clients and the fuzzer find them in the schema."""
+    stack = await make_stack()
+    schema = (await stack.client.get("/openapi.json")).json()
+    for path, model in (
+        ("/v1/chat/completions", "ChatCompletionRequest"),
+        ("/v1/completions", "CompletionRequest"),
+    ):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"]["$ref"] == f"#/components/schemas/{model}"
+        assert "messages" in str(schema["components"]["schemas"][model]) or path.endswith(
+            "/completions"
+        )
+    from service.gateway.routes import openai_routes
+
+    names = {r.path for r in openai_routes.router.routes}  # type: ignore[attr-defined]
+    assert "/v1/chat/completions" not in names and "/v1/completions" not in names

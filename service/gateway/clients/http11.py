@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 import httptools
 
 HIGH_WATER = 256 * 1024  # bytes buffered before the worker's socket is paused
-LOW_WATER = 64 * 1024
 MAX_LINE = 16 * 1024 * 1024  # one NDJSON event; longer is a broken worker
 MAX_ERROR_BODY = 64 * 1024
 

@@ -10,11 +10,10 @@ view a person opening /console wants without running a Prometheus server.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -24,7 +23,7 @@ from service.gateway.routing import RouteResult
 Outcome = Literal["ok", "client_error", "error", "cancelled"]
 T = TypeVar("T")
 
-FALLBACK_PREFIX = "fallback:"  # how the pipeline marks a fallback hop in RouteResult.route
+FALLBACK_PREFIX = "fallback:"  # how the pipeline marks a fallback hop in the route
 
 
 @dataclass(frozen=True)
@@ -153,29 +152,6 @@ class ConsoleStats:
             if hop.startswith(FALLBACK_PREFIX) and i > 0:
                 self._add(route[i - 1], now, None, error=True)
         self._add(node, now, seconds if outcome == "ok" else None, error=outcome == "error")
-
-    def request_failed(self, node: str, started: float, exc: BaseException) -> None:
-        self.record_request(node, self._clock() - started, classify(exc))
-
-    async def watch(
-        self, route: RouteResult, started: float, deadline: float, events: AsyncIterator[T]
-    ) -> AsyncIterator[T]:
-        """Pass a request's event stream through; record it once it ends, however it ends.
-        Wrapping the worker events (not the SSE bytes) sees failures as exceptions both for
-        streamed and collected replies."""
-        failure: BaseException | None = None
-        try:
-            async for event in events:
-                yield event
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                await events.aclose()  # type: ignore[attr-defined]
-            now = self._clock()
-            outcome = classify(failure, deadline_passed=now >= deadline)
-            self.record_request(route.node, now - started, outcome, route.route)
 
     def _add(self, node: str, now: float, seconds: float | None, *, error: bool) -> None:
         series = self._series.get(node)

@@ -44,6 +44,12 @@ class LocalRunner:
         assert target.model is not None
         pool = self.pools.workers[target.model]
         requests = plan.generate_requests(target.node)
+        if len(requests) == 1:  # the common case: no task per request
+            first, stream = await self._open(pool, requests[0], plan, scope, target)
+            return Answer(
+                events=merge_jobs([(0, first, stream)], idle_timeout_s=self.idle_timeout_s)
+            )
+        # Several prompts open at once (not one after another, each waiting for a first event).
         opened = await asyncio.gather(
             *(self._open(pool, r, plan, scope, target) for r in requests), return_exceptions=True
         )

@@ -44,12 +44,15 @@ sys.path.insert(0, str(REPO))
 from service.embedded import WorkerProcess, start_workers, stop_workers, wait_ready  # noqa: E402
 from service.gateway.clients.pool import WorkerPools  # noqa: E402
 from service.gateway.clients.worker import make_http_client  # noqa: E402
-from service.gateway.pipeline import RequestContext  # noqa: E402
+from service.gateway.plan import RequestContext, plan_completion  # noqa: E402
+from service.gateway.runners.base import Target  # noqa: E402
 from service.gateway.runners.byte_oracle import PoolReducer  # noqa: E402
 from service.gateway.runners.ensemble import EnsembleRunner  # noqa: E402
+from service.gateway.scope import RequestScope  # noqa: E402
 from service.graph.schema import EnsembleNode, load_graph  # noqa: E402
 from service.observability.metrics import GatewayMetrics  # noqa: E402
 from service.protocol.internal import GenerateRequest, SamplingOptions  # noqa: E402
+from service.protocol.openai import CompletionRequest  # noqa: E402
 
 # Time spent waiting on each model's byte-dist calls (the bench wraps the reducer).
 CALLS: dict[str, dict[str, float]] = {}
@@ -139,23 +142,26 @@ async def ensemble_speed(
         runner.prune = prune
     for m in node.members:  # tokenizer tables load once per gateway, not per request
         await runner.assets.get(m.model)
-    req = GenerateRequest(
-        request_id=f"bench-ensemble-{seed}",
-        prompt=prompt,
-        sampling=SamplingOptions(max_tokens=max_bytes, temperature=1.0, seed=seed),
+    # The request as the gateway plans it, run through the ensemble runner's seam.
+    req = CompletionRequest(
+        model=node_id, prompt=prompt, max_tokens=max_bytes, temperature=1.0, seed=seed
     )
-    ctx = RequestContext("bench-ensemble", time.monotonic() + 3600)
+    plan = plan_completion(req, RequestContext("bench-ensemble", time.monotonic() + 3600))
+    target = Target(node_id, node, None, {"route": [node_id], "scores": []})
+    scope = RequestScope()
     text = ""
     CALLS.clear()
     t0 = time.perf_counter()
-    stream = await runner.open(node_id, node, req, ctx)
+    answer = await runner.open(plan, target, scope)
     t_open = time.perf_counter() - t0
     # What the prompt's set-up cost (the re-opened tail, byte by byte, and the first forwards).
     open_calls = {m: dict(v) for m, v in CALLS.items()}
-    async for ev in stream:
+    assert answer.events is not None
+    async for ev in answer.events:
         if ev["type"] == "delta":
             text += ev.get("text", "")
     seconds = time.perf_counter() - t0
+    await scope.aclose()
     runner.close()
     await http.aclose()
     n = len(text.encode())

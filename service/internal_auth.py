@@ -64,10 +64,23 @@ def write_secret_file(directory: Path | None = None) -> Path:
     """A fresh random secret in a new 0700 directory, file mode 0600 (embedded mode makes one
     per run). The caller removes the directory."""
     folder = Path(tempfile.mkdtemp(prefix="octograph-secret-", dir=directory))
-    path = folder / SECRET_FILE_NAME
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return ensure_secret_file(folder / SECRET_FILE_NAME)
+
+
+def ensure_secret_file(path: Path) -> Path:
+    """`path` holds a usable secret afterwards: kept if it has one, else a fresh random one
+    (mode 0600, written to a temporary file and renamed over, so never half-written).
+    `octograph worker-secret --file` (the compose stack's one-shot init) runs this."""
+    try:
+        read_secret_file(path)
+        return path
+    except SecretFileError:
+        pass
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
+    tmp.replace(path)
     return path
 
 

@@ -44,6 +44,11 @@ class ModelSpec(Strict):
     kind: Literal["worker"] = "worker"
     packaged: str | None = Field(None, description="name of a packaged model (smollm2, gemma3)")
     path: str | None = Field(None, description="model directory or hub id resolved by the worker")
+    revision: str | None = Field(
+        None,
+        description="hub models: the commit to serve (40 hex digits; service/models/hub.py)",
+        pattern=r"^[0-9a-f]{40}$",
+    )
     urls: list[str] = Field(default_factory=list, description="worker replicas (http://host:port)")
     max_model_len: int = Field(2048, ge=16)
     engine: Literal["vllm", "fake"] = Field(

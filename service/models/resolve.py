@@ -24,6 +24,7 @@ def resolve_model_dir(name_or_dir: str, cache_dir: Path | None = None) -> Path:
             f"run `octograph models prepare {name_or_dir}`"
         )
     if "/" in name_or_dir and not name_or_dir.startswith((".", "/", "~")):
-        # A hub id (org/name): on clusters vLLM resolves it itself (HF_HOME on a volume).
+        # A hub id (org/name): vLLM loads it from the hub cache at the commit that
+        # service/models/hub.py pins.
         return Path(name_or_dir)
     raise ModelNotFound(f"'{name_or_dir}' is neither a model directory nor a prepared model")

@@ -93,6 +93,7 @@ class VLLMEngine:
         # Byte-level scoring: the table loads in the background (Gemma-3's first build parses a
         # 33 MB tokenizer.json); byte_dist waits for it, generation never does.
         self._byte_scorer_task: asyncio.Task[ByteDistScorer] | None = None
+        self._revision: str | None = settings.revision or None  # hub id models only
 
     @property
     def ready(self) -> bool:
@@ -111,6 +112,8 @@ class VLLMEngine:
 
         return AsyncEngineArgs(
             model=str(self._model_dir),
+            revision=self._revision,
+            tokenizer_revision=self._revision,
             served_model_name=[self._served_name],
             max_model_len=self._settings.max_model_len,
             max_num_seqs=self._settings.max_num_seqs,
@@ -146,6 +149,7 @@ class VLLMEngine:
 
     async def start(self) -> None:
         configure_cpu_environment(self._settings)
+        await self._pin_hub_revision()
         from vllm.v1.engine.async_llm import AsyncLLM
 
         processors = self._start_capture_channel()
@@ -191,6 +195,22 @@ class VLLMEngine:
         freeze_startup_heap()
         quiet_frontend_threads()
         log.info("engine ready", extra={"model": self._served_name})
+
+    async def _pin_hub_revision(self) -> None:
+        """A hub id model loads one commit: the configured one or the prefetch lock's; offline
+        (the default) its snapshot must be in the cache, which the worker may wait for."""
+        from service.models import hub
+
+        repo = str(self._model_dir)
+        if not hub.is_hub_id(repo):
+            return
+        if os.environ.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "False", ""):
+            self._revision = await hub.wait_for_snapshot(
+                repo, self._revision, timeout_s=self._settings.weights_wait_s
+            )
+        else:
+            self._revision = hub.pinned_revision(repo, self._revision)
+        log.info("serving %s at %s", repo, self._revision or "its default branch")
 
     async def shutdown(self) -> None:
         if self._byte_scorer_task is not None:

@@ -24,6 +24,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from deploy_helpers import (  # noqa: E402
+    KEYS_FILE_HOST,
     OVERLAYS,
     ROOT,
     SCRIPT,
@@ -116,10 +117,12 @@ def checkov_report(
 
 @pytest.fixture(scope="session")
 def compose_config(tools: Tools) -> dict[str, Any]:
-    """docker-compose.yml as Compose v2 itself resolves it, every profile enabled."""
+    """docker-compose.yml as Compose v2 itself resolves it, every profile enabled (with the
+    API keys file that compose requires from the environment)."""
     compose = tools.get("docker-compose")
     proc = run(
-        [compose, "-f", "docker-compose.yml", "--profile", "gpu", "config", "--format", "json"]
+        [compose, "-f", "docker-compose.yml", "--profile", "gpu", "config", "--format", "json"],
+        env={"OCTOGRAPH_API_KEYS_FILE_HOST": KEYS_FILE_HOST},
     )
     assert proc.returncode == 0, f"docker compose config failed:\n{proc.stderr}"
     config: dict[str, Any] = json.loads(proc.stdout)

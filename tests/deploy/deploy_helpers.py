@@ -20,6 +20,8 @@ OVERLAYS = ("cpu", "gpu")
 # Oldest and newest Kubernetes minor versions the manifests are validated against.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 TOOL_TIMEOUT_S = 180
+# docker-compose.yml has no default API keys file: `config` needs one named (never read by it).
+KEYS_FILE_HOST = "/run/octograph-test/api-keys"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import ROOT, Tools, run
+from deploy_helpers import KEYS_FILE_HOST, ROOT, Tools, run
 
 CPU_WORKERS = ["worker-smollm2", "worker-gemma3", "worker-router"]
 GPU_WORKERS = [f"{w}-gpu" for w in CPU_WORKERS]
@@ -28,14 +28,57 @@ def services(compose_config: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+ONE_SHOTS = {"models", "worker-secret"}
+KEYS_ENV = {"OCTOGRAPH_API_KEYS_FILE_HOST": KEYS_FILE_HOST}
+
+
 def test_compose_is_valid_and_profiles_split_cpu_from_gpu(tools: Tools) -> None:
     compose = tools.get("docker-compose")
-    default = run([compose, "-f", "docker-compose.yml", "config", "--services"])
+    default = run([compose, "-f", "docker-compose.yml", "config", "--services"], env=KEYS_ENV)
     assert default.returncode == 0, default.stderr
-    assert set(default.stdout.split()) == {"models", *CPU_WORKERS, "gateway", "prometheus"}
-    gpu = run([compose, "-f", "docker-compose.yml", "--profile", "gpu", "config", "--services"])
+    assert set(default.stdout.split()) == {*ONE_SHOTS, *CPU_WORKERS, "gateway", "prometheus"}
+    gpu = run(
+        [compose, "-f", "docker-compose.yml", "--profile", "gpu", "config", "--services"],
+        env=KEYS_ENV,
+    )
     assert gpu.returncode == 0, gpu.stderr
     assert set(gpu.stdout.split()) - set(default.stdout.split()) == {*GPU_WORKERS, "gateway-gpu"}
+
+
+def test_compose_needs_an_api_keys_file_of_your_own(tools: Tools) -> None:
+    """No committed (so public) key is a fallback: compose refuses to resolve without one."""
+    compose = tools.get("docker-compose")
+    env = {"OCTOGRAPH_API_KEYS_FILE_HOST": ""}
+    proc = run([compose, "-f", "docker-compose.yml", "config", "--format", "json"], env=env)
+    # (This Compose engine exits 0 after an interpolation error; docker compose exits 1. Both
+    # print the message and resolve nothing.)
+    assert "set OCTOGRAPH_API_KEYS_FILE_HOST to a file with your API keys" in proc.stderr
+    assert not proc.stdout.strip()
+    example = (ROOT / "deploy/compose/api-keys.example").read_text()
+    keys = [ln for ln in example.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert keys == [], "a key committed in git is public"
+
+
+def test_worker_secret_is_a_one_shot_into_its_own_volume(services: dict[str, Any]) -> None:
+    init = services["worker-secret"]
+    assert init["command"] == [
+        "worker-secret",
+        "--file",
+        "/var/lib/octograph/secret/worker-secret",
+    ]
+    assert init["restart"] == "no" and init["network_mode"] == "none"
+    vol = [v for v in init["volumes"] if v["target"] == "/var/lib/octograph/secret"]
+    assert vol and vol[0]["source"] == "worker-secret" and not vol[0].get("read_only")
+    for name in CPU_WORKERS + GPU_WORKERS + ["gateway", "gateway-gpu"]:
+        s = services[name]
+        mount = next(v for v in s["volumes"] if v["source"] == "worker-secret")
+        assert mount["read_only"] is True, name
+        secret_file = s["environment"]["OCTOGRAPH_WORKER_SECRET_FILE"]
+        assert secret_file == "/var/lib/octograph/secret/worker-secret", name
+        if name.startswith("worker-"):
+            assert s["depends_on"]["worker-secret"]["condition"] == (
+                "service_completed_successfully"
+            )
 
 
 def test_models_is_a_one_shot_prepare_into_a_named_volume(services: dict[str, Any]) -> None:
@@ -67,6 +110,8 @@ def test_workers_wait_for_models_and_report_readiness(services: dict[str, Any], 
         "0.0.0.0",
         "--port",
         "8001",
+        "--metrics-port",
+        "9100",
     ]
     assert w["depends_on"]["models"]["condition"] == "service_completed_successfully"
     hc = w["healthcheck"]
@@ -123,11 +168,11 @@ def test_gpu_profile_reserves_nvidia_devices(services: dict[str, Any]) -> None:
         devices = w["deploy"]["resources"]["reservations"]["devices"]
         assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
         assert w["build"]["args"]["TARGET"] == "gpu"
-    for name in CPU_WORKERS + ["gateway", "gateway-gpu", "models"]:
+    for name in CPU_WORKERS + ["gateway", "gateway-gpu", *ONE_SHOTS]:
         s = services[name]
         assert "devices" not in s.get("deploy", {}).get("resources", {}).get("reservations", {})
         assert s["build"]["args"]["TARGET"] == "cpu"
-    for name in CPU_WORKERS + ["gateway", "models", "prometheus"]:
+    for name in CPU_WORKERS + ["gateway", "prometheus", *ONE_SHOTS]:
         assert not services[name].get("profiles"), f"{name} must run in the default profile"
 
 
@@ -151,11 +196,13 @@ def test_prometheus_scrapes_every_octograph_service(services: dict[str, Any]) ->
     targets = {
         t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
     }
-    expected = {f"{w}:8001" for w in CPU_WORKERS + GPU_WORKERS} | {
+    # Workers are scraped on their metrics port: their API port needs the worker secret.
+    expected = {f"{w}:9100" for w in CPU_WORKERS + GPU_WORKERS} | {
         "gateway:9100",
         "gateway-gpu:9100",
     }
     assert expected <= targets
+    assert not [t for t in targets if t.endswith(":8001")], "a worker's API port is not scraped"
     for t in targets - {"127.0.0.1:9090"}:
         host, port = t.split(":")
         assert host in services and port in services[host]["expose"], t

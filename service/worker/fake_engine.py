@@ -8,10 +8,12 @@ the prompt's last word, so tests can tell requests apart.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.chat_template import check_context
 from service.errors import BadRequest, UpstreamError
@@ -101,6 +103,9 @@ class FakeEngine:
         return PreparedPrompt(request, ids, text, max_tokens)
 
     def reply(self, prepared: PreparedPrompt, index: int) -> list[str]:
+        structured = prepared.request.sampling.structured
+        if structured is not None:  # a minimal instance of the schema, one "token" a word
+            return [json.dumps(minimal_instance(structured.json_schema), separators=(",", ":"))]
         words = prepared.prompt_text.split() or ["tokens"]
         last = words[-2] if len(words) > 1 and words[-1] == "assistant:" else words[-1]
         base = f"fake answer {index} about {last}".split()
@@ -292,3 +297,23 @@ def fake_byte_dist(partial: bytes) -> ByteDistResult:
 def _first_stop(text: str, stops: list[str]) -> int | None:
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
+
+
+def minimal_instance(schema: dict[str, Any]) -> Any:
+    """The smallest value a (simple) JSON schema accepts: what the fake engine answers under a
+    structured-output constraint, so gateway tests can check the shaping of the reply."""
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if key in schema:
+            return minimal_instance(schema[key][0])
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {k: minimal_instance(props.get(k, {})) for k in schema.get("required", [])}
+    if kind == "array":
+        return [minimal_instance(schema.get("items", {})) for _ in range(schema.get("minItems", 0))]
+    return {"string": "x", "integer": 0, "number": 0, "boolean": True, "null": None}.get(kind, {})

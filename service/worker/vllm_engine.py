@@ -27,6 +27,7 @@ from service.protocol.internal import (
     ScoreRequest,
     ScoreResponse,
     ScoreResult,
+    StructuredOutput,
     TokenLogprobEvent,
     WorkerInfo,
 )
@@ -256,6 +257,7 @@ class VLLMEngine:
             repetition_penalty=s.repetition_penalty,
             min_tokens=min(s.min_tokens, prepared.max_tokens),
             logit_bias=s.logit_bias,
+            structured_outputs=_structured(s.structured),
             output_kind=RequestOutputKind.DELTA,
             skip_reading_prefix_cache=self._settings.reproducible_generation
             and asks_reproducible(s),
@@ -503,3 +505,20 @@ def _prompt_logprobs(out: Any, ids: list[int], tokenizer: Any) -> list[TokenLogp
             continue
         result.extend(_token_logprobs([ids[i]], [step]))
     return result
+
+
+def _structured(spec: StructuredOutput | None) -> Any:
+    """vLLM's structured outputs for a request's constraint (its default backend)."""
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    # Compact JSON: a small model sampling at temperature 1 may otherwise spend its whole
+    # budget on whitespace the grammar allows between tokens.
+    if spec.json_object:
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    return StructuredOutputsParams(
+        json=spec.json_schema,
+        disable_additional_properties=spec.strict,
+        disable_any_whitespace=True,
+    )

@@ -37,6 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.bytelevel.covering import CoveringTree, CoverStats, ZeroProbabilityError
+from service.bytelevel.grammar import ByteGrammar, json_grammar
 from service.bytelevel.mixing import AdaptiveMixer, mix, product
 from service.bytelevel.prompting import MemberPrompt, reopen_tail
 from service.bytelevel.sampling import ByteSampler, Utf8Buffer
@@ -152,6 +153,13 @@ class EnsembleRunner:
                 f"byte-level generation serves at most {MAX_BYTE_LEVEL_SEQUENCES} sequences "
                 f"(prompts x n) per request; this one asks for {plan.cost}",
                 param="n",
+            )
+        if plan.constraints.tool_mode == "auto":
+            raise BadRequest(
+                f"node '{target.node_id}' cannot serve tool_choice 'auto': byte-level "
+                "generation has no model's tool-call format; use tool_choice 'required' or "
+                "name a function (decoding is then constrained to the call's schema)",
+                param="tool_choice",
             )
         node = target.node
         if isinstance(node, EnsembleNode):
@@ -285,6 +293,8 @@ class _Choice:
         self.adaptive = AdaptiveMixer(len(members), self.weights) if mode == "adaptive" else None
         self.buffer = Utf8Buffer()
         self.stops = StopMatcher(sampling.stop)
+        structured = sampling.structured
+        self.grammar = ByteGrammar(json_grammar(structured.json_schema)) if structured else None
         self.cancelled = threading.Event()
         loop = asyncio.get_running_loop()
         self.oracles = [
@@ -372,7 +382,11 @@ class _Choice:
             while self.produced < self.limit:
                 self.ctx.remaining()  # raises DeadlineExceeded once the deadline passed
                 mat, mixed = self.mixed()
+                if self.grammar is not None:  # the bytes the output's grammar allows next
+                    mixed = self.grammar.constrain(mixed)
                 outcome = self.sampler.sample(mixed, self.buffer.state)
+                if self.grammar is not None:
+                    self.grammar.advance(outcome)
                 if self.adaptive is not None:
                     self.adaptive.update(mat, outcome)
                 if outcome == STOP:

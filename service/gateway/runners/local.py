@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from service.errors import error_from_status
+from service.errors import BadRequest, error_from_status
 from service.gateway.clients.pool import ModelPool, WorkerPools, first_answer
 from service.gateway.clients.worker import WorkerClient, WorkerUnreachable
 from service.gateway.plan import RequestPlan
@@ -42,6 +42,13 @@ class LocalRunner:
 
     async def open(self, plan: RequestPlan, target: Target, scope: RequestScope) -> Answer:
         assert target.model is not None
+        if plan.constraints.tool_mode == "auto":
+            raise BadRequest(
+                f"node '{target.node_id}' cannot serve tool_choice 'auto': model "
+                f"'{target.model}' has no tool-call format this gateway parses; use "
+                "tool_choice 'required' or name a function",
+                param="tool_choice",
+            )
         pool = self.pools.workers[target.model]
         requests = plan.generate_requests(target.node)
         if len(requests) == 1:  # the common case: no task per request

@@ -270,3 +270,19 @@ def test_worker_without_secret_on_a_public_bind_warns() -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_worker_secret_command_writes_once_and_keeps(tmp_path: Path) -> None:
+    """`octograph worker-secret --file` (the compose stack's one-shot): a fresh 0600 secret the
+    first time, the same one afterwards; a file without a usable secret gets a new one."""
+    path = tmp_path / "worker-secret"
+    path.write_text("# placeholder, no secret\n")
+    seen = []
+    for _ in range(2):
+        proc = _cli("worker-secret", "--file", str(path))
+        out = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 0, out
+        seen.append(read_secret_file(path))
+    assert seen[0] == seen[1]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["worker-secret"]  # no temporary left

@@ -20,6 +20,14 @@ class HFTokenizer(Protocol):
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
 
+def transcript_turn_markers() -> list[str]:
+    """Where the plain transcript's next turn would start: a base model continuing "Assistant:"
+    writes the end of its turn as one of these, not as an end token."""
+    return [
+        f"{FALLBACK_TEMPLATE_SEPARATOR}{role}:" for role in ("User", "System", "Assistant", "Tool")
+    ]
+
+
 def render_chat(
     tokenizer: HFTokenizer,
     messages: list[ChatTurn],

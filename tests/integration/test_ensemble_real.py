@@ -85,3 +85,32 @@ def test_ensemble_chat_and_byte_exact_completion(
         )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"].startswith("nce")
+
+
+def test_ensemble_chat_stops_at_the_end_of_the_turn(
+    real_workers: RealWorkers, real_gateway: GatewayFactory
+) -> None:
+    """Gemma-3 is a base model: through the plain transcript it runs on past its answer into
+    a made-up next turn ("Hello\\n\\nSystem: I am ..."). A chat request to the ensemble ends the
+    turn where a chat model would: at a member's end-of-turn token or the next role marker."""
+    gw = real_gateway(_config(real_workers))
+    stopped = 0
+    with httpx.Client(base_url=gw.url, timeout=300, trust_env=False) as client:
+        for seed in range(4):
+            r = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "blend",
+                    "seed": seed,
+                    "max_tokens": 160,
+                    "temperature": 0.8,
+                    "messages": [{"role": "user", "content": "Say hi"}],
+                },
+            )
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            text = choice["message"]["content"]
+            for marker in ("User:", "System:", "Assistant:"):
+                assert f"\n{marker}" not in text, (seed, text)
+            stopped += choice["finish_reason"] == "stop"
+    assert stopped >= 3, "most turns end by themselves, not at max_tokens"

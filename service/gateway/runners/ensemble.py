@@ -42,6 +42,7 @@ from service.bytelevel.mixing import AdaptiveMixer, mix, product
 from service.bytelevel.prompting import MemberPrompt, reopen_tail
 from service.bytelevel.sampling import ByteSampler, Utf8Buffer
 from service.bytelevel.stops import StopMatcher
+from service.chat_template import transcript_turn_markers
 from service.errors import BadRequest, ContextLengthExceeded, ServiceError, Unavailable
 from service.gateway.clients.pool import WorkerPools
 from service.gateway.plan import RequestContext, RequestPlan
@@ -221,6 +222,14 @@ class EnsembleRunner:
             )
             for (model, weight), a, p in zip(spec, assets, prompts, strict=True)
         ]
+        if request.messages is not None and any(not a.prompts.has_chat_template for a in assets):
+            # A chat turn ends where a chat model would end it: every member's end-of-turn
+            # token is a stop already (special tokens), and a base member's transcript turn
+            # ends where the next role marker would start.
+            stops = [*request.sampling.stop, *transcript_turn_markers()]
+            request = request.model_copy(
+                update={"sampling": request.sampling.model_copy(update={"stop": stops})}
+            )
         sampling = request.sampling
         limit = sampling.max_tokens if sampling.max_tokens is not None else DEFAULT_MAX_BYTES
         choices = [

@@ -220,7 +220,7 @@ async def test_octopus_v4_checkpoint_tokens_and_prompt(make_stack) -> None:
     assert engine.scored[-1].startswith(OCTOPUS_SYSTEM_PROMPT)
 
 
-OCTOPUS_GRAPH = """
+OCTOPUS_REFORMAT_GRAPH = """
 models:
   alpha: {urls: ["http://placeholder"], max_model_len: 256}
   octopus: {urls: ["http://placeholder"]}
@@ -248,7 +248,7 @@ async def test_reformat_true_generates_and_parses_the_octopus_call(make_stack) -
     from service.graph.functional_tokens import END_TOKEN
     from service.graph.router_prompt import OCTOPUS_SYSTEM_PROMPT
 
-    stack = await make_stack(OCTOPUS_GRAPH)
+    stack = await make_stack(OCTOPUS_REFORMAT_GRAPH)
     octopus = stack.engine("octopus")
     seen: list[str] = []
 
@@ -289,7 +289,7 @@ async def test_reformat_true_generates_and_parses_the_octopus_call(make_stack) -
     assert r.json()["octograph"]["reformatted_query"] == "What is the derivative of x^3?"
     assert r.headers["x-octograph-route"] == "root>math"
     # Without `reformat`, nothing is generated on the router model.
-    plain = await make_stack(OCTOPUS_GRAPH.replace("reformat: true", "reformat: false"))
+    plain = await make_stack(OCTOPUS_REFORMAT_GRAPH.replace("reformat: true", "reformat: false"))
     plain.engine("octopus").score_hook = hook
     body = await route(plain, query)
     assert body["octograph"]["reformatted_query"] is None

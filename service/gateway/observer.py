@@ -12,7 +12,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+
+from prometheus_client import Counter, Histogram
 
 from service.errors import ServiceError
 from service.gateway.console.stats import ConsoleStats, classify
@@ -48,12 +49,12 @@ class Observers:
 
 @dataclass
 class NodeSeries:
-    ttft: Any
-    duration: Any
-    tokens: Any
-    requests: dict[str, Any]  # status class -> counter child
+    ttft: Histogram
+    duration: Histogram
+    tokens: Counter
+    requests: dict[str, Counter]  # status class -> counter child
 
-    def request(self, metrics: GatewayMetrics, node: str, status: str) -> Any:
+    def request(self, metrics: GatewayMetrics, node: str, status: str) -> Counter:
         child = self.requests.get(status)
         if child is None:
             child = self.requests[status] = metrics.requests.labels(node, status)

@@ -24,7 +24,7 @@ from service.gateway.plan import ReplyShape
 from service.gateway.runners.base import Answer
 from service.gateway.scope import RequestScope, close_quietly
 from service.gateway.tools import tool_calls
-from service.protocol.internal import TokenLogprobEvent
+from service.protocol.internal import GenerateEvent, TokenLogprobEvent
 
 log = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
@@ -315,7 +315,7 @@ class _SseChunks:
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
-    def render(self, ev: Any) -> bytes | None:
+    def render(self, ev: GenerateEvent) -> bytes | None:
         shape = self.shape
         t = ev["type"]
         if t == "start":

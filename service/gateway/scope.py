@@ -16,6 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from service.gateway.clients.pool import Replica
+
 log = logging.getLogger(__name__)
 
 Release = Callable[[], Awaitable[None] | None]
@@ -41,7 +43,7 @@ class RequestScope:
         self._releases.append(once)
         return once
 
-    def lease(self, replica: Any) -> Release:
+    def lease(self, replica: Replica[Any]) -> Release:
         """Count a request in flight on `replica` until the request ends (or the returned
         callable is called)."""
         replica.inflight += 1

@@ -25,7 +25,6 @@ from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT = {"model": "general", "messages": [{"role": "user", "content": "hi"}]}
-EXAMPLE_KEYS = REPO / "deploy/compose/api-keys.example"
 GRAPH = """
 models:
   a: {urls: ["http://127.0.0.1:9"]}
@@ -56,7 +55,7 @@ def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subpr
         (["gateway", "--host", "::"], {}, "OCTOGRAPH_ALLOW_OPEN=true"),
         (
             ["gateway"],
-            {"OCTOGRAPH_API_KEYS_FILE": str(EXAMPLE_KEYS)},
+            {"OCTOGRAPH_API_KEYS_FILE": "{tmp}/keys"},
             "public example key",
         ),
         (
@@ -69,6 +68,9 @@ def _cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subpr
 def test_cli_refuses_to_expose_an_open_or_publicly_keyed_gateway(
     tmp_path: Path, command: list[str], env: dict[str, str], needle: str
 ) -> None:
+    # A keys file as the old compose example was: the public key on a line of its own.
+    (tmp_path / "keys").write_text("# example\noctograph-local-dev-key-change-me\n")
+    env = {k: v.replace("{tmp}", str(tmp_path)) for k, v in env.items()}
     proc = _cli(tmp_path, *command, "--port", str(free_port()), env=env)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out

@@ -104,7 +104,7 @@ def build_gateway_app(
     runners: list[NodeRunner] = [
         ensembles,
         RemoteRunner(graph, pools, metrics),
-        LocalRunner(pools, metrics, idle),
+        LocalRunner(pools, metrics, idle, tool_parsers=graph.tool_parsers()),
     ]
     admission = Admission(
         metrics,

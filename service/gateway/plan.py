@@ -187,7 +187,7 @@ class RequestPlan:
         )
 
     def generate_requests(
-        self, node: Node | None, *, byte_level: bool = False
+        self, node: Node | None, *, byte_level: bool = False, tool_parser: str | None = None
     ) -> list[GenerateRequest]:
         """One worker request per prompt, with the node's system prompt and defaults."""
         answering = node if isinstance(node, ModelNode | EnsembleNode) else None
@@ -207,6 +207,7 @@ class RequestPlan:
                         request_id=rid,
                         messages=turns,
                         tools=self.constraints.tools,
+                        tool_parser=tool_parser,
                         sampling=sampling,
                     )
                 )

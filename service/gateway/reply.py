@@ -23,7 +23,7 @@ from service.gateway.observer import RequestObserver
 from service.gateway.plan import ReplyShape
 from service.gateway.runners.base import Answer
 from service.gateway.scope import RequestScope, close_quietly
-from service.gateway.tools import tool_calls
+from service.gateway.tools import tool_calls, with_ids
 from service.protocol.internal import GenerateEvent, TokenLogprobEvent
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class Choice:
     completion_tokens: int = 0
     chat_logprobs: list[dict[str, Any]] = field(default_factory=list)
     completion_logprobs: CompletionLogprobs | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # parsed on the worker (tool_choice auto)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -105,9 +106,10 @@ def final_body(
         if shape.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": c.text}
             reason = c.finish_reason or "stop"
-            calls = tool_calls(shape.tool_call, c.text) if shape.tool_call else None
+            calls = tool_calls(shape.tool_call, c.text) if shape.tool_call else c.tool_calls
             if calls is not None:
-                message = {"role": "assistant", "content": None, "tool_calls": calls}
+                content = c.text if c.tool_calls is not None and c.text else None
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
                 reason = "tool_calls"
             out.append(
                 {
@@ -198,6 +200,8 @@ async def collect(
                     observer.first_byte()
             if t == "delta":
                 c.text += ev.get("text", "")
+                if "tool_calls" in ev:
+                    c.tool_calls = [*(c.tool_calls or []), *with_ids(ev["tool_calls"])]
                 if shape.logprobs and "logprobs" in ev:
                     if chat:
                         c.chat_logprobs.extend(
@@ -332,6 +336,10 @@ class _SseChunks:
                 delta: dict[str, Any] = {"content": text}
                 if idx not in self.started:
                     delta["role"] = "assistant"
+                if "tool_calls" in ev:  # parsed on the worker: whole calls, one delta
+                    calls = with_ids(ev["tool_calls"])
+                    delta["content"] = text or None
+                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
                 choice = {"index": idx, "delta": delta, "finish_reason": None}
                 if shape.logprobs:
                     choice["logprobs"] = {

@@ -12,7 +12,8 @@ upstream itself on a remote node.
   `parameters`; `required`: a JSON array of `{"name", "parameters"}` calls, one of the tools
   each (at most one with `parallel_tool_calls: false`), vLLM's own form for `required`.
 - `tool_choice` `auto` (the default when tools are given): the model's own tool-call format,
-  which needs a parser for that model; `none`: tools are ignored.
+  parsed on the worker by vLLM's tool parser that the model's `tool_parser` names
+  (worker/tool_calls.py); a node whose model has none answers 400. `none`: tools are ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from service.protocol.internal import StructuredOutput
 from service.protocol.openai import ChatCompletionRequest, SamplingFields, ToolSpec
 
 ToolMode = Literal["auto", "required", "named"]
+MAX_PARALLEL_CALLS = 8  # calls in one `required` answer (1 with parallel_tool_calls false)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,11 @@ def tool_calls(shape: ToolCallShape, text: str) -> list[dict[str, Any]] | None:
     return calls
 
 
+def with_ids(calls: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Calls a worker's tool parser found ({"name", "arguments"}) in OpenAI's form."""
+    return [_call(c["name"], c["arguments"]) for c in calls]
+
+
 def _call(name: str, arguments: str) -> dict[str, Any]:
     return {
         "id": f"call_{uuid.uuid4().hex[:24]}",
@@ -150,10 +157,10 @@ def _required_schema(tools: list[ToolSpec], *, single: bool) -> dict[str, Any]:
         }
         for t in tools
     ]
-    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
-    if single:
-        schema["maxItems"] = 1
-    return schema
+    # At most MAX_PARALLEL_CALLS calls: an unbounded array lets a small model append calls
+    # until max_tokens cuts it, a valid prefix but no answer.
+    limit = 1 if single else MAX_PARALLEL_CALLS
+    return {"type": "array", "minItems": 1, "maxItems": limit, "items": {"anyOf": one_of}}
 
 
 def _strict(schema: Any, strict: bool) -> Any:

@@ -57,6 +57,11 @@ class ModelSpec(Strict):
     build: dict[str, Any] | None = Field(
         None, description="how to build this model when missing (router models)"
     )
+    tool_parser: str | None = Field(
+        None,
+        description="vLLM's tool parser for the model's own tool-call format (hermes, "
+        "llama3_json, mistral, ...): enables tool_choice 'auto' on its nodes",
+    )
 
     @model_validator(mode="after")
     def _has_source(self) -> ModelSpec:
@@ -190,6 +195,10 @@ class GraphConfig(Strict):
     def _check_structure(self) -> GraphConfig:
         check_structure(self)
         return self
+
+    def tool_parsers(self) -> dict[str, str]:
+        """Worker models whose tool-call format a vLLM tool parser reads (tool_choice auto)."""
+        return {n: m.tool_parser for n, m in self.worker_models().items() if m.tool_parser}
 
     def worker_models(self) -> dict[str, ModelSpec]:
         """Models served by Octograph workers (embedded mode starts these)."""

@@ -58,6 +58,9 @@ class GenerateRequest(InternalModel):
     tools: list[dict[str, Any]] | None = Field(
         None, description="OpenAI tool specs, handed to the chat template"
     )
+    tool_parser: str | None = Field(
+        None, description="tool_choice auto: vLLM's parser for the model's tool-call format"
+    )
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
 
 
@@ -159,7 +162,7 @@ class GenerateEvent(TypedDict):
     """One NDJSON line of /internal/generate.
 
     type=start: prompt_tokens (+ prompt_text, prompt_logprobs when asked)
-    type=delta: index, text, token_ids, logprobs (when asked)
+    type=delta: index, text, token_ids, logprobs (when asked), tool_calls (tool_choice auto)
     type=finish: index, finish_reason, completion_tokens
     type=error: status, message, code
     """
@@ -174,6 +177,7 @@ class GenerateEvent(TypedDict):
     prompt_tokens: NotRequired[int]
     prompt_text: NotRequired[str]
     prompt_logprobs: NotRequired[list[TokenLogprobEvent]]
+    tool_calls: NotRequired[list[dict[str, str]]]  # {"name", "arguments"}: tool_choice auto
     status: NotRequired[int]
     message: NotRequired[str]
     code: NotRequired[str | None]

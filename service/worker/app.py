@@ -28,6 +28,7 @@ from service.protocol.internal import (
 )
 from service.serving import Lifecycle
 from service.worker.engine import Engine, PreparedPrompt
+from service.worker.tool_calls import with_tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ async def ndjson_stream(state: WorkerState, prepared: PreparedPrompt) -> AsyncIt
     state.lifecycle.enter()
     state.metrics.inflight.inc()
     events = state.engine.generate(prepared)
+    if prepared.request.tool_parser is not None:
+        events = with_tool_calls(events, prepared.request, state.engine.tokenizer)
     try:
         async for event in events:
             if event["type"] == "delta":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from service.protocol.internal import (
     ByteDistRequest,
@@ -65,3 +65,8 @@ class Engine(Protocol):
     async def byte_dist(self, request: ByteDistRequest) -> ByteDistResponse: ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer (vLLM's tool parsers take it)."""
+        ...

@@ -61,6 +61,10 @@ class FakeEngine:
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def tokenizer(self) -> Any:
+        return self  # vLLM's text-format tool parsers only need one to be there
+
     def info(self) -> WorkerInfo:
         return WorkerInfo(
             model=self.name,

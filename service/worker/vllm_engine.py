@@ -221,6 +221,10 @@ class VLLMEngine:
             self._llm = None
         self._stop_capture_channel()
 
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
     def _require(self) -> Any:
         if self._llm is None:
             raise Unavailable("the engine is not running")

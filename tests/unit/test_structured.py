@@ -324,3 +324,45 @@ async def test_ensemble_named_tool_call_streams_as_tool_calls(make_stack: Any) -
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     assert "blend" in r.json()["error"]["message"]
+
+
+AUTO_GRAPH = """
+models:
+  toolm: {urls: ["http://placeholder"], max_model_len: 512, tool_parser: hermes}
+nodes:
+  agent: {kind: model, model: toolm}
+"""
+HERMES_CALL = (
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Lyon", "unit": "C"}}</tool_call>'
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_choice_auto_is_parsed_by_vllms_parser_for_the_models_format(
+    make_stack: Any, stream: bool
+) -> None:
+    """A model whose graph entry names a tool parser (here vLLM's own `hermes`) serves
+    tool_choice auto: the worker runs that parser on the model's text."""
+    stack = await make_stack(AUTO_GRAPH)
+    engine = stack.engine("toolm")
+    engine.reply = lambda _prepared, _index: ["Let me check.", HERMES_CALL]  # type: ignore[method-assign]
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="x", max_retries=0)
+    kwargs: dict[str, Any] = {"model": "agent", "messages": USER, "tools": [WEATHER]}
+    if stream:
+        async with client.chat.completions.stream(**kwargs) as s:
+            async for _ in s:
+                pass
+            done = await s.get_final_completion()
+    else:
+        done = await client.chat.completions.create(**kwargs)
+    message = done.choices[0].message
+    assert done.choices[0].finish_reason == "tool_calls"
+    assert [c.function.name for c in message.tool_calls] == ["get_weather"]
+    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Lyon", "unit": "C"}
+    assert (message.content or "").strip() == "Let me check."
+    assert engine.requests[-1].tool_parser == "hermes"
+    # Plain text stays text.
+    engine.reply = lambda _prepared, _index: ["Sunny", "today."]  # type: ignore[method-assign]
+    plain = await client.chat.completions.create(**kwargs)
+    assert plain.choices[0].message.content == "Sunny today."
+    assert not plain.choices[0].message.tool_calls

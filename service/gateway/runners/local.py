@@ -28,10 +28,17 @@ Opened = tuple[GenerateEvent, AsyncIterator[GenerateEvent]]
 class LocalRunner:
     kind = "model"
 
-    def __init__(self, pools: WorkerPools, metrics: GatewayMetrics, idle_timeout_s: float) -> None:
+    def __init__(
+        self,
+        pools: WorkerPools,
+        metrics: GatewayMetrics,
+        idle_timeout_s: float,
+        tool_parsers: dict[str, str] | None = None,
+    ) -> None:
         self.pools = pools
         self.metrics = metrics
         self.idle_timeout_s = idle_timeout_s
+        self.tool_parsers = tool_parsers or {}  # model -> vLLM tool parser (tool_choice auto)
 
     def serves(self, plan: RequestPlan, target: Target) -> bool:
         return (
@@ -42,15 +49,18 @@ class LocalRunner:
 
     async def open(self, plan: RequestPlan, target: Target, scope: RequestScope) -> Answer:
         assert target.model is not None
+        parser = None
         if plan.constraints.tool_mode == "auto":
-            raise BadRequest(
-                f"node '{target.node_id}' cannot serve tool_choice 'auto': model "
-                f"'{target.model}' has no tool-call format this gateway parses; use "
-                "tool_choice 'required' or name a function",
-                param="tool_choice",
-            )
+            parser = self.tool_parsers.get(target.model)
+            if parser is None:
+                raise BadRequest(
+                    f"node '{target.node_id}' cannot serve tool_choice 'auto': model "
+                    f"'{target.model}' has no tool-call format (no tool_parser in the graph); "
+                    "use tool_choice 'required' or name a function",
+                    param="tool_choice",
+                )
         pool = self.pools.workers[target.model]
-        requests = plan.generate_requests(target.node)
+        requests = plan.generate_requests(target.node, tool_parser=parser)
         if len(requests) == 1:  # the common case: no task per request
             first, stream = await self._open(pool, requests[0], plan, scope, target)
             return Answer(

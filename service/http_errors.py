@@ -60,6 +60,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        if isinstance(exc.__cause__, ServiceError):
+            # Raised while FastAPI read the body (the middleware's size and time bounds), which
+            # FastAPI wraps in a 400 "error parsing the body": the cause is the answer.
+            return error_response(exc.__cause__, {"connection": "close"})
         if exc.status_code == 404:
             return error_response(NotFound("no such route"))
         if exc.status_code == 405:

@@ -158,6 +158,7 @@ def build_gateway_app(
         keys=keys,
         lifecycle=lifecycle,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
         metrics_open=settings.metrics_port is None and not keys.enabled,
         allow_open=settings.allow_open,
     )

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from service.errors import BadRequest, MethodNotAllowed, RequestTimeout, ServiceError
+from service.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+)
 from service.gateway.middleware import ASGIApp, Receive, Scope, Send, send_error
 from service.gateway.plan import RequestContext, RequestPlan, plan_chat, plan_completion
 from service.gateway.reply import Reply
@@ -82,7 +88,9 @@ class FrontDoor:
             if not isinstance(exc, ServiceError):
                 log.exception("unhandled error", exc_info=exc)
                 exc = ServiceError("internal error; the gateway log has the details")
-            await send_error(send, exc)
+            # A body cut short leaves the connection mid-request: it closes after the answer.
+            cut = isinstance(exc, RequestTimeout | PayloadTooLarge)
+            await send_error(send, exc, [(b"connection", b"close")] if cut else None)
 
     async def _serve(
         self,

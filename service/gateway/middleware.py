@@ -1,7 +1,9 @@
 """Pure-ASGI middleware (not BaseHTTPMiddleware, which breaks streaming and cancellation):
-request ids, Host (keyless mode), auth, Content-Type, body-size limit and draining, in that
-order. Admission is not here: it weighs a request by its cost, known only once its body has
-arrived (pipeline.py).
+request ids, Host (keyless mode), auth, Content-Type, body-size limit and body deadline, and
+draining, in that order. Admission is not here: it weighs a request by its cost, known only once
+its body has arrived (pipeline.py). Every route's body (the front door's lanes and FastAPI's,
+such as /v1/route) must arrive within `body_timeout_s` of the request's start: a client that
+sends headers and then stalls gets a 408 and holds nothing.
 
 Browser-borne requests: a POST to /v1/* must say `Content-Type: application/json` (415
 otherwise), which an HTML form or a "simple" cross-origin fetch cannot send, so a web page
@@ -21,6 +23,7 @@ from typing import Any
 from service.errors import (
     BadRequest,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceError,
     Unavailable,
     UnsupportedMediaType,
@@ -71,8 +74,10 @@ class GatewayMiddleware:
         max_body_bytes: int,
         metrics_open: bool,
         allow_open: bool = False,
+        body_timeout_s: float = 15.0,
     ) -> None:
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.keys = keys
         self.lifecycle = lifecycle
         self.max_body = max_body_bytes
@@ -136,7 +141,9 @@ class GatewayMiddleware:
             )
             return
         if not path.startswith(ADMITTED_PREFIXES):
-            await self.app(scope, _limited(receive, self.max_body), send_with_id)
+            await self.app(
+                scope, _limited(receive, self.max_body, self.body_timeout_s), send_with_id
+            )
             return
         if self.lifecycle.draining:
             await send_error(
@@ -146,7 +153,9 @@ class GatewayMiddleware:
         # Counted for the drain (in-flight requests finish before the process exits).
         self.lifecycle.enter()
         try:
-            await self.app(scope, _limited(receive, self.max_body), send_with_id)
+            await self.app(
+                scope, _limited(receive, self.max_body, self.body_timeout_s), send_with_id
+            )
         finally:
             self.lifecycle.leave()
 
@@ -187,17 +196,31 @@ async def _discard_body(receive: Receive) -> None:
                     return
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """Counts streamed (chunked) bodies too: Content-Length is not always sent."""
+def _limited(receive: Receive, limit: int, timeout_s: float) -> Receive:
+    """The body as the app reads it, bounded in size (streamed, chunked bodies too:
+    Content-Length is not always sent) and in time: it must have arrived within `timeout_s` of
+    the request's start (RequestTimeout, a 408, after that). Once it has, `receive` is the
+    server's own (a wait for the disconnect has no deadline)."""
     seen = 0
+    arrived = False
+    deadline = asyncio.get_running_loop().time() + timeout_s
 
     async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
+        nonlocal seen, arrived
+        if arrived:
+            return await receive()
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout_s:g}s") from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
                 raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+            arrived = not message.get("more_body", False)
+        else:
+            arrived = True
         return message
 
     return wrapped

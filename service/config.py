@@ -60,6 +60,11 @@ class GatewaySettings(BaseSettings):
     rate_limit_rpm: PositiveInt | None = Field(
         None, description="sequences per minute per API key (a request weighs prompts x n)"
     )
+    rate_limit_tpm: PositiveInt | None = Field(
+        None,
+        description="prompt + completion tokens per minute per API key (counted when a "
+        "request ends; a key over it is refused until its minute has passed)",
+    )
     # The workers' shared secret (service/internal_auth.py); the same variable as the
     # workers' own setting, OCTOGRAPH_WORKER_SECRET_FILE. Unset = workers are called without.
     worker_secret_file: Path | None = None

@@ -6,7 +6,13 @@ answering a fast 429 with Retry-After rather than queueing:
 
 - the gateway: `max_inflight` sequences in flight in this process;
 - a node: `max_inflight_per_node`;
-- an API key: `max_inflight_per_key` in flight, and `rate_limit_rpm` sequences per minute.
+- an API key: `max_inflight_per_key` in flight, `rate_limit_rpm` sequences per minute, and
+  `rate_limit_tpm` tokens (prompt + completion) per minute.
+
+Tokens are known only once a request has ended, so they are counted then (the request's
+observer reports them: `Admission.spend_tokens`) and a key is refused while its tokens of the
+last 60 s are at or over the limit: a request that starts under the limit is served whole, and
+the key waits (Retry-After) until enough of its minute has passed.
 
 A request is admitted after its body has arrived and been validated (a slow or absent body holds
 no slot) and before it is routed; its node is admitted once routing picked it. Limits are per
@@ -46,6 +52,54 @@ class RateWindow:
             )
         hits.append((now, cost))
         self._used[key] = used + cost
+
+
+class TokenWindow:
+    """Prompt + completion tokens per key over the last 60 s (a sliding log of ended requests,
+    one entry a request, pruned on every look)."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._spent: dict[str, deque[tuple[float, int]]] = {}
+        self._used: dict[str, int] = {}
+
+    def _prune(self, key: str, now: float) -> int:
+        spent = self._spent.get(key)
+        used = self._used.get(key, 0)
+        while spent and now - spent[0][0] > 60.0:
+            used -= spent.popleft()[1]
+        if not spent:
+            self._spent.pop(key, None)
+            self._used.pop(key, None)
+            return 0
+        self._used[key] = used
+        return used
+
+    def check(self, key: str) -> None:
+        now = time.monotonic()
+        used = self._prune(key, now)
+        if used < self.per_minute:
+            return
+        # Retry once enough of the oldest entries have left the window to bring it under.
+        left = used
+        retry = 60.0
+        for at, tokens in self._spent[key]:
+            left -= tokens
+            if left < self.per_minute:
+                retry = 60.0 - (now - at)
+                break
+        raise Overloaded(
+            f"token rate limit reached for this API key ({used} of {self.per_minute} "
+            "tokens per minute)",
+            retry_after_s=max(retry, 1.0),
+            code="tokens_rate_limit_exceeded",
+        )
+
+    def spend(self, key: str, tokens: int) -> None:
+        now = time.monotonic()
+        self._prune(key, now)
+        self._spent.setdefault(key, deque()).append((now, tokens))
+        self._used[key] = self._used.get(key, 0) + tokens
 
 
 class Ticket:
@@ -88,12 +142,14 @@ class Admission:
         max_inflight_per_node: int,
         max_inflight_per_key: int | None = None,
         rate_limit_rpm: int | None = None,
+        rate_limit_tpm: int | None = None,
     ) -> None:
         self.metrics = metrics
         self.max_inflight = max_inflight
         self.max_per_node = max_inflight_per_node
         self.max_per_key = max_inflight_per_key
         self.rate = RateWindow(rate_limit_rpm) if rate_limit_rpm else None
+        self.tokens = TokenWindow(rate_limit_tpm) if rate_limit_tpm else None
         self.inflight = 0  # sequences, whole gateway
         self.by_node: dict[str, int] = {}
         self.by_key: dict[str, int] = {}
@@ -114,6 +170,12 @@ class Admission:
                 f"(at most {self.max_per_key}); retry shortly",
                 code="key_concurrency_exceeded",
             )
+        if key is not None and self.tokens is not None:
+            try:
+                self.tokens.check(key)
+            except Overloaded:
+                self._reject("tokens")
+                raise
         if key is not None and self.rate is not None:
             try:
                 self.rate.take(key, cost)
@@ -125,6 +187,11 @@ class Admission:
             self.by_key[key] = self.by_key.get(key, 0) + cost
         self.metrics.inflight.inc(cost)
         return Ticket(self, key, cost)
+
+    def spend_tokens(self, key: str | None, tokens: int) -> None:
+        """A request of `key` ended having used `tokens` (prompt + completion)."""
+        if key is not None and self.tokens is not None and tokens > 0:
+            self.tokens.spend(key, tokens)
 
     def take_node(self, node: str, cost: int) -> None:
         held = self.by_node.get(node, 0)

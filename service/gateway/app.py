@@ -112,11 +112,12 @@ def build_gateway_app(
         max_inflight_per_node=settings.max_inflight_per_node,
         max_inflight_per_key=settings.max_inflight_per_key,
         rate_limit_rpm=settings.rate_limit_rpm,
+        rate_limit_tpm=settings.rate_limit_tpm,
     )
     # Series only for the graph's ids: the recorder's memory is bounded by the graph.
     ids = [*graph.nodes, *graph.models]
     console = ConsoleStats(ids)
-    observers = Observers(metrics, console, frozenset(ids))
+    observers = Observers(metrics, console, frozenset(ids), spend=admission.spend_tokens)
     pipeline = Pipeline(
         graph,
         router,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
@@ -32,6 +33,8 @@ class Observers:
     metrics: GatewayMetrics
     console: ConsoleStats
     known_ids: frozenset[str]  # label values are bounded by the graph's ids
+    # Where a request's tokens go when it ends, per API key (Admission.spend_tokens: TPM).
+    spend: Callable[[str | None, int], None] | None = None
 
     def __post_init__(self) -> None:
         self._series: dict[str, NodeSeries] = {}
@@ -62,8 +65,17 @@ class NodeSeries:
 
 
 class RequestObserver:
-    def __init__(self, sinks: Observers, request_id: str, started: float, deadline: float) -> None:
+    def __init__(
+        self,
+        sinks: Observers,
+        request_id: str,
+        started: float,
+        deadline: float,
+        key: str | None = None,
+    ) -> None:
         self.sinks = sinks
+        self.key = key
+        self.prompt_tokens = 0  # set by the reply renderer once the engines report it
         self.request_id = request_id
         self.started = started
         self.deadline = deadline
@@ -116,6 +128,8 @@ class RequestObserver:
         if outcome in ("error", "client_error"):
             reason = failure.type if isinstance(failure, ServiceError) else "internal_error"
             m.errors.labels(self.node, reason).inc()
+        if self.sinks.spend is not None:
+            self.sinks.spend(self.key, self.prompt_tokens + (completion_tokens or 0))
         if completion_tokens:
             series.tokens.inc(completion_tokens)
             if self.node_kind == "ensemble" and self.first_byte_at is not None:

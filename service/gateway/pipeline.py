@@ -49,7 +49,9 @@ class Pipeline:
 
     async def handle(self, plan: RequestPlan) -> Reply:
         ctx = plan.ctx
-        observer = RequestObserver(self.observers, ctx.request_id, ctx.started, ctx.deadline)
+        observer = RequestObserver(
+            self.observers, ctx.request_id, ctx.started, ctx.deadline, key=ctx.key
+        )
         scope = RequestScope()
         try:
             check_cost(plan, self.max_request_sequences)

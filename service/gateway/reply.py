@@ -177,8 +177,10 @@ async def collect(
     if answer.body is not None:  # a remote node's reply, already in the gateway's ids
         observer.first_byte()
         reported = answer.body.get("usage")
-        tokens = reported.get("completion_tokens") if isinstance(reported, dict) else None
-        return answer.body, int(tokens or 0)
+        if not isinstance(reported, dict):
+            return answer.body, 0
+        observer.prompt_tokens = _count(reported.get("prompt_tokens"))
+        return answer.body, _count(reported.get("completion_tokens"))
     assert answer.events is not None
     events = answer.events
     choices: dict[int, Choice] = {}
@@ -218,7 +220,13 @@ async def collect(
     if shape.echo is not None:
         _echo(shape, choices, prompt_lps)
     body = final_body(shape, list(choices.values()), prompt_tokens, octograph)
+    observer.prompt_tokens = prompt_tokens
     return body, body["usage"]["completion_tokens"]
+
+
+def _count(value: Any) -> int:
+    """A token count an upstream reported (anything else counts 0)."""
+    return value if isinstance(value, int) and value > 0 else 0
 
 
 def _echo(shape: ReplyShape, choices: dict[int, Choice], prompt_lps: dict[int, list[Any]]) -> None:
@@ -298,6 +306,7 @@ async def to_sse(
         raise
     finally:
         await close_quietly(source)
+        observer.prompt_tokens = chunks.prompt_tokens
         observer.finished(failure, chunks.completion_tokens if answer.events is not None else None)
     yield DONE
 

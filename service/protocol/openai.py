@@ -227,7 +227,27 @@ class RouteRequest(OpenAIBase):
     def _one_input(self) -> RouteRequest:
         if (self.messages is None) == (self.prompt is None):
             raise ValueError("give exactly one of messages or prompt")
+        # FastAPI parses this body with json.loads, which lets a lone surrogate ("\ud800")
+        # through; it would fail later, encoding the router's prompt (a 500). The front door's
+        # parser refuses such bodies itself.
+        if not _utf8(self.model_dump()):
+            raise ValueError("the text is not valid UTF-8 (a lone surrogate)")
         return self
+
+
+def _utf8(value: Any) -> bool:
+    """Whether every string in a JSON-like value encodes as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_utf8(k) and _utf8(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_utf8(v) for v in value)
+    return True
 
 
 class ErrorInfo(BaseModel):

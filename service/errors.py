@@ -91,12 +91,17 @@ class RequestTimeout(ServiceError):
 
 
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"<>()]+")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?![\w.])")
 _PATH = re.compile(r"(?<![\w.])/(?:[\w.\-]+/)+[\w.\-]*")
 
 
 def sanitize_message(message: str) -> str:
-    """Strip memory addresses and file-system paths: messages reach untrusted clients."""
+    """Strip memory addresses, URLs, IP addresses and file-system paths: messages reach
+    untrusted clients (a worker's or an upstream's address is the operator's business)."""
     message = _ADDRESS.sub("0x…", message)
+    message = _URL.sub("<url>", message)
+    message = _IPV4.sub("<address>", message)
     return _PATH.sub("<path>", message)
 
 

@@ -72,22 +72,32 @@ def _error_parts(raw: bytes) -> tuple[str | None, str | None, str | None]:
     )
 
 
+MAX_RELAYED_MESSAGE = 500  # characters of an upstream's message about the client's request
+
+
 def failure_from_status(model: str, status: int, raw: bytes) -> UpstreamFailure:
     """An upstream's HTTP error -> the gateway's error. The client's own mistakes (400, 413,
-    422) keep the upstream's message; the gateway's configuration problems (a refused key, an
-    unknown upstream model) become 502s that say what to fix. (A 429's Retry-After is the
-    gateway's own 1 s: the lean client does not keep response headers.)"""
+    422) keep the upstream's message (its text only, bounded); anything else gets the
+    gateway's own words, and the upstream's body goes to the log, not to the client (it is the
+    operator's account and infrastructure talking). The gateway's configuration problems (a
+    refused key, an unknown upstream model) become 502s that say what to fix. (A 429's
+    Retry-After is the gateway's own 1 s: the lean client does not keep response headers.)"""
     message, code, param = _error_parts(raw)
-    said = f": {message}" if message else ""
+    if status not in (400, 413, 422):
+        log.warning(
+            "upstream error",
+            extra={"model": model, "status": status, "body": raw[:2000].decode("utf-8", "replace")},
+        )
+    elif message is not None and len(message) > MAX_RELAYED_MESSAGE:
+        message = message[:MAX_RELAYED_MESSAGE] + "…"
     if status == 429:
         error: ServiceError = Overloaded(
-            f"the upstream of model '{model}' is rate limiting{said}",
-            code=code or "upstream_rate_limited",
+            f"the upstream of model '{model}' is rate limiting", code="upstream_rate_limited"
         )
         return UpstreamFailure(error, retry=True, unhealthy=True)
     if status >= 500:
         cls = Unavailable if status == 503 else UpstreamError
-        error = cls(f"the upstream of model '{model}' failed (HTTP {status}){said}", code=code)
+        error = cls(f"the upstream of model '{model}' failed (HTTP {status})")
         return UpstreamFailure(error, retry=True, unhealthy=True)
     if status in (400, 422):
         error = BadRequest(
@@ -108,19 +118,21 @@ def failure_from_status(model: str, status: int, raw: bytes) -> UpstreamFailure:
             code="upstream_not_found",
         )
     else:
-        error = UpstreamError(f"the upstream of model '{model}' answered HTTP {status}{said}")
+        error = UpstreamError(f"the upstream of model '{model}' answered HTTP {status}")
     return UpstreamFailure(error, retry=False, unhealthy=False)
 
 
 def failure_from_exception(model: str, exc: Exception) -> UpstreamFailure:
+    """A call that broke -> the gateway's error; what broke (addresses, OS errors) is logged."""
+    log.warning("upstream call failed", extra={"model": model, "error": f"{exc!r}"[:500]})
     if isinstance(exc, ConnectFailed):  # nothing reached the upstream
-        error: ServiceError = Unavailable(f"the upstream of model '{model}' is unreachable ({exc})")
+        error: ServiceError = Unavailable(f"the upstream of model '{model}' is unreachable")
         return UpstreamFailure(error, retry=True, unhealthy=True)
     if isinstance(exc, ReadTimeout):
         # Not retried: a second attempt would wait as long again, past most deadlines.
         error = DeadlineExceeded(f"the upstream of model '{model}' timed out (read timeout)")
         return UpstreamFailure(error, retry=False, unhealthy=True)
-    error = UpstreamError(f"the upstream of model '{model}' broke the connection ({exc})")
+    error = UpstreamError(f"the upstream of model '{model}' broke the connection")
     return UpstreamFailure(error, retry=True, unhealthy=True)
 
 

@@ -145,7 +145,8 @@ class WorkerClient:
         except ReadTimeout:
             raise DeadlineExceeded("the worker stopped sending tokens (read timeout)") from None
         except ProtocolFailure as exc:
-            raise UpstreamError(f"the worker stream broke: {exc}") from None
+            log.warning("worker stream broke", extra={"replica": self.base_url, "error": str(exc)})
+            raise UpstreamError("the worker stream broke") from None
         except orjson.JSONDecodeError:
             raise UpstreamError("the worker sent a malformed event") from None
         finally:
@@ -195,7 +196,10 @@ class WorkerClient:
         except ReadTimeout:
             raise DeadlineExceeded(f"a worker for '{self.model}' did not answer in time") from None
         except ProtocolFailure as exc:
-            raise UpstreamError(f"worker request failed: {exc}") from None
+            log.warning(
+                "worker request failed", extra={"replica": self.base_url, "error": str(exc)}
+            )
+            raise UpstreamError("a worker request failed") from None
 
     async def _post_lean(
         self, path: str, body: bytes, headers: dict[str, str] | None, limit: int
@@ -207,7 +211,10 @@ class WorkerClient:
         except ReadTimeout:
             raise DeadlineExceeded(f"a worker for '{self.model}' did not answer in time") from None
         except ProtocolFailure as exc:
-            raise UpstreamError(f"worker request failed: {exc}") from None
+            log.warning(
+                "worker request failed", extra={"replica": self.base_url, "error": str(exc)}
+            )
+            raise UpstreamError("a worker request failed") from None
         finally:
             response.close()
         if response.status != 200:

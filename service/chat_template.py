@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from service.errors import BadRequest, ContextLengthExceeded
@@ -67,6 +69,57 @@ def prompt_token_ids(tokenizer: HFTokenizer, request: GenerateRequest) -> tuple[
         return tokenizer.encode(text, add_special_tokens=add_special), text
     assert request.prompt is not None
     return tokenizer.encode(request.prompt, add_special_tokens=True), request.prompt
+
+
+# Prompts longer than this (characters) are tokenized in a thread, so the worker's event loop
+# keeps streaming other requests' tokens meanwhile; one thread, so the tokenizer is never
+# entered concurrently by two long prompts.
+OFF_LOOP_CHARS = 16_384
+_TOKENIZE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+# Normalizers (NFKC and the like) can fold a few characters into one: a margin on the bound.
+NORMALIZE_MARGIN = 2
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token stands for: its vocabulary's longest entry (byte-level
+    vocabularies spell each byte as one character, SentencePiece ones each character; special
+    tokens are as long as their text). A prompt of L characters has at least L / this tokens."""
+    try:
+        return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+    except Exception:  # a tokenizer without get_vocab: no bound by length
+        return 0
+
+
+def prompt_chars(request: GenerateRequest) -> int:
+    """The characters of a request's prompt text (messages' contents, or the prompt)."""
+    if request.prompt is not None:
+        return len(request.prompt)
+    if request.messages is not None:
+        return sum(len(str(m.content)) for m in request.messages) + len(request.assistant_prefix)
+    return 0
+
+
+def check_prompt_chars(chars: int, max_model_len: int, longest_token: int) -> None:
+    """Refuse a prompt that cannot fit the context by its length alone, before tokenizing it
+    (2 MiB of text would otherwise be tokenized for nothing)."""
+    if longest_token and chars > max_model_len * longest_token * NORMALIZE_MARGIN:
+        raise ContextLengthExceeded(
+            f"the prompt has {chars} characters, more than this model's context of "
+            f"{max_model_len} tokens can hold"
+        )
+
+
+async def tokenize_prompt(
+    tokenizer: HFTokenizer, request: GenerateRequest, max_model_len: int, longest_token: int
+) -> tuple[list[int], str]:
+    """`prompt_token_ids` for a worker: refused by length first (`check_prompt_chars`), and a
+    long prompt tokenized off the event loop."""
+    chars = prompt_chars(request)
+    check_prompt_chars(chars, max_model_len, longest_token)
+    if chars <= OFF_LOOP_CHARS:
+        return prompt_token_ids(tokenizer, request)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_TOKENIZE, prompt_token_ids, tokenizer, request)
 
 
 def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -> int:

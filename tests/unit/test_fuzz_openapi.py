@@ -113,6 +113,11 @@ def pinned_schema(raw: dict[str, Any], served: list[str]) -> dict[str, Any]:
         # almost always refused, which would fuzz their validation instead of generation.
         for field in CONSTRAINT_FIELDS:
             components[name]["properties"].pop(field, None)
+    # Tool turns likewise (a tool message needs its tool_call_id, which the schema cannot say).
+    message = components["ChatMessage"]["properties"]
+    message["role"]["enum"] = [r for r in message["role"]["enum"] if r != "tool"]
+    message.pop("tool_calls", None)
+    message.pop("tool_call_id", None)
     return schema
 
 

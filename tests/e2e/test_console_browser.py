@@ -309,7 +309,8 @@ def test_console_asks_for_the_api_key(browser: Any) -> None:
 
 
 # A stand-in for an ensemble's stream, served by the page's own fetch: the fake engines have no
-# tokenizer files, so the gateway cannot run `blend` here. Weights shift from gemma3 to smollm2.
+# tokenizer files, so the gateway cannot run `blend` here. It carries weights the gateway never
+# sends: the page must keep showing the graph's.
 FAKE_ENSEMBLE_STREAM = """
 const realFetch = window.fetch;
 window.fetch = (url, opts) => {
@@ -346,13 +347,15 @@ def test_console_shows_ensemble_weights_and_errors(stack: ThreadedStack, browser
     assert browser.find_element(By.ID, "answer").text == "mixed bytes"
     assert "on-route" in classes(node_el(browser, "blend"))
     box = browser.find_element(By.ID, "weights-box")
-    assert box.get_attribute("data-source") == "live"
+    assert box.get_attribute("data-source") == "graph"
     rows = box.find_elements(By.CSS_SELECTOR, ".bar-row")
     values = {
         r.find_element(By.CSS_SELECTOR, ".label").text: r.find_element(By.CSS_SELECTOR, ".val").text
         for r in rows
     }
-    assert values == {"smollm2": "90%", "gemma3": "10%"}  # the last weights the stream sent
+    blend = next(n for n in parse_graph(stack.graph_yaml).nodes.values() if n.kind == "ensemble")
+    total = sum(m.weight for m in blend.members)  # type: ignore[union-attr]
+    assert values == {m.model: f"{round(100 * m.weight / total)}%" for m in blend.members}  # type: ignore[union-attr]
 
 
 REMOTE_GRAPH = """

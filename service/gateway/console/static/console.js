@@ -559,9 +559,8 @@
     return node && node.kind === "ensemble" ? node : null;
   }
 
-  // Member weights of an ensemble: the graph's (when the answer starts), then the live ones
-  // when a chunk carries `octograph.weights` ({model: weight}, or a list in member order):
-  // adaptive ensembles re-weight members by how well each predicts the text so far.
+  // Member weights of an ensemble, as the graph sets them (the gateway does not stream the
+  // adaptive mode's running weights).
   function showWeights(weights, node, source) {
     let entries;
     if (Array.isArray(weights)) {
@@ -574,9 +573,8 @@
     const box = $("weights");
     box.textContent = "";
     entries.forEach(([name, w]) => box.appendChild(barRow(name, w / total, false)));
-    $("weights-title").textContent = source === "live"
-      ? `Ensemble weights of ${node.id} (live)`
-      : `Ensemble weights of ${node.id} (from the graph, mode ${node.mode || "mix"})`;
+    $("weights-title").textContent =
+      `Ensemble weights of ${node.id} (from the graph, mode ${node.mode || "mix"})`;
     $("weights-box").dataset.source = source;
     $("weights-box").hidden = false;
   }
@@ -671,9 +669,6 @@
             showRouteOnGraph(state.route);
             showRouteBox(state.route, routeMs, obj.octograph.reformatted_query);
             ensemble = ensembleAt(state.route.route);
-          }
-          if (ensemble && obj.octograph && obj.octograph.weights) {
-            showWeights(obj.octograph.weights, ensemble, "live");
           }
           for (const choice of obj.choices || []) {
             const text = choice.delta && choice.delta.content;

@@ -4,6 +4,7 @@
     .venv/bin/python bench/routing_latency.py                       # starts worker + gateway
     .venv/bin/python bench/routing_latency.py --gateway http://127.0.0.1:8000   # a running one
     .venv/bin/python bench/routing_latency.py --router-url http://127.0.0.1:PORT  # a worker
+    .venv/bin/python bench/routing_latency.py --stack   # the whole default stack (octograph up)
 
 Started mode: one vLLM worker on the graph's router model (built first if missing, as
 `octograph up` does) and a gateway process whose graph is the default one with every model
@@ -96,6 +97,32 @@ def start_gateway(config: Path, log_dir: Path, router_url: str) -> tuple[Any, st
     raise RuntimeError("gateway not ready:\n" + (log_dir / "gateway.log").read_text())
 
 
+def start_stack(config: Path, log_dir: Path) -> tuple[Any, str]:
+    """`octograph up` on the graph (every worker, as shipped), its own port and log dir."""
+    from service.embedded import free_port
+
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "up", "--config", str(config), "--port", str(port)],
+        cwd=REPO,
+        stdout=open(log_dir / "up.log", "wb"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OCTOGRAPH_LOG_DIR": str(log_dir)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 900:
+        if up.poll() is not None:
+            raise RuntimeError((log_dir / "up.log").read_text()[-3000:])
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=1, trust_env=False).status_code == 200:
+                print(f"stack ready in {time.monotonic() - t0:.0f}s ({url})")
+                return up, url
+        time.sleep(0.5)
+    raise RuntimeError("stack not ready:\n" + (log_dir / "up.log").read_text()[-3000:])
+
+
 def measure(url: str, rows: list[dict[str, str]], warmup: int) -> dict[str, Any]:
     client_s: list[float] = []
     server_s: list[float] = []
@@ -141,6 +168,12 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=REPO / "configs/routing/eval.jsonl")
     ap.add_argument("--gateway", help="use a running gateway instead of starting one")
     ap.add_argument("--router-url", help="use a running router worker; start only the gateway")
+    ap.add_argument(
+        "--stack",
+        action="store_true",
+        help="start the whole default stack (`octograph up`: every worker sharing the cores, "
+        "as shipped) and measure through its gateway",
+    )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--limit", type=int, help="only the first N queries")
     args = ap.parse_args()
@@ -150,6 +183,9 @@ def main() -> int:
     try:
         if args.gateway:
             url = args.gateway
+        elif args.stack:
+            log_dir = Path(tempfile.mkdtemp(prefix="octograph-bench-route-"))
+            gw, url = start_stack(args.config, log_dir)
         else:
             log_dir = Path(tempfile.mkdtemp(prefix="octograph-bench-route-"))
             router_url = args.router_url
@@ -161,9 +197,10 @@ def main() -> int:
     finally:
         if gw is not None:
             with contextlib.suppress(ProcessLookupError):
+                # `octograph up` drains its gateway on SIGTERM, then stops its workers.
                 os.killpg(gw.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                gw.wait(timeout=20)
+                gw.wait(timeout=60)
         if workers:
             from service.embedded import stop_workers
 

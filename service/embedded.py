@@ -291,6 +291,62 @@ def worker_env(graph: GraphConfig, model: str) -> dict[str, str]:
     return env
 
 
+# What a worker's engine must hold, by role (issue 21: the engines' KV space was 2 GiB each,
+# the router's included, ~6.4 GB of the default stack's 15 GB). A model that answers (a leaf,
+# an ensemble member) runs the README's benches' concurrency at once and keeps KV space for
+# ANSWER_FULL_SEQUENCES sequences of its full max_model_len; shorter ones share it (32 chats of
+# 200 tokens use 6,400 tokens), and past it vLLM queues new sequences rather than failing. A
+# model that only routes scores prompts of a few hundred tokens (a 64-token system prefix and
+# the query's tail) and generates nothing. A user's OCTOGRAPH_WORKER_KV_CACHE_GIB /
+# OCTOGRAPH_WORKER_MAX_NUM_SEQS / OCTOGRAPH_WORKER_EXECUTOR win over these.
+ANSWER_MAX_NUM_SEQS = 32
+ANSWER_FULL_SEQUENCES = 8
+ROUTER_MAX_NUM_SEQS = 32
+ROUTER_TOKENS_PER_SEQUENCE = 512
+KV_FLOOR_GIB = 1 / 16
+# bfloat16 (WorkerSettings.dtype): bytes per KV element.
+KV_DTYPE_BYTES = 2
+
+
+def kv_bytes_per_token(model_dir: Path) -> int | None:
+    """Bytes of K and V for one token over all layers, from the model's config.json (None
+    when it cannot be read: the worker's own default then applies)."""
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    try:
+        layers = int(config["num_hidden_layers"])
+        heads = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+        head_dim = int(
+            config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        )
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return 2 * layers * heads * head_dim * KV_DTYPE_BYTES
+
+
+def role_settings(graph: GraphConfig, model: str, model_dir: Path) -> dict[str, str]:
+    """Worker settings sized from the model's role: sequences at once, KV space, and the
+    engine's model runner in the engine-core process (vllm_engine.build_engine)."""
+    routes, _, answers = _roles(graph, model)
+    max_model_len = graph.worker_models()[model].max_model_len
+    if answers or not routes:
+        seqs, tokens = ANSWER_MAX_NUM_SEQS, ANSWER_FULL_SEQUENCES * max_model_len
+    else:
+        seqs = ROUTER_MAX_NUM_SEQS
+        tokens = seqs * min(ROUTER_TOKENS_PER_SEQUENCE, max_model_len)
+    env = {"OCTOGRAPH_WORKER_MAX_NUM_SEQS": str(seqs), "OCTOGRAPH_WORKER_EXECUTOR": "uni"}
+    per_token = kv_bytes_per_token(model_dir)
+    if per_token:
+        gib = max(KV_FLOOR_GIB, tokens * per_token / (1 << 30))
+        env["OCTOGRAPH_WORKER_KV_CACHE_GIB"] = f"{gib:.4f}"
+    return env
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a worker's engine runs: its torch threads, and the cores its engine processes
@@ -367,37 +423,107 @@ def start_workers(
             cmd += ["--cpus", format_cpu_list(cpus)]
         if graph.worker_models()[name].engine == "fake":
             cmd.append("--fake")
-        env = {**base_env, "OCTOGRAPH_WORKER_LOG_JSON": "true", **worker_env(graph, name)}
+        sized = {k: v for k, v in role_settings(graph, name, path).items() if k not in base_env}
+        env = {**base_env, "OCTOGRAPH_WORKER_LOG_JSON": "true", **sized, **worker_env(graph, name)}
         proc = spawn(cmd, env, log_path)
         workers.append(WorkerProcess(name, port, proc, log_path, cmd, env))
     return workers
 
 
+# A worker's start, in the order its log shows it (vLLM's lines and ours): each marker opens the
+# phase named beside it; the first phase runs from the spawn. Read from the log so that the
+# progress line says what each worker is doing, also when our output goes to a file.
+START_PHASES: tuple[tuple[str, str], ...] = (
+    ("", "python + vLLM import"),
+    # From here vLLM spawns its engine-core process, which imports torch and vLLM again.
+    ("Resolved architecture", "engine process start"),
+    ("Initializing a V1 LLM engine", "model runner start"),
+    ("Starting to load model", "weights"),
+    ("Warming up model for the compilation", "compile + warm-up"),
+    ("Warming up done", "KV cache"),
+    ("init engine (profile, create kv cache, warmup model) took", "front end"),
+    ('"engine ready"', "ready"),
+)
+# Without a terminal (a log file, CI), a progress line every this many seconds at least.
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class StartWatch:
+    """Which start phase a worker is in, from the new lines of its log, and when each began."""
+
+    worker: WorkerProcess
+    offset: int = 0
+    seen: dict[str, float] = field(default_factory=dict)  # phase -> seconds after the spawn
+
+    def poll(self, now: float) -> str:
+        """The current phase, after reading what the log gained since the last call."""
+        try:
+            with open(self.worker.log_path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            chunk = b""
+        # Only whole lines: a marker cut in two is found on the next call.
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        text = chunk[:end].decode("utf-8", errors="replace")
+        at = max(0.0, now - self.worker.started_at)
+        self.seen.setdefault(START_PHASES[0][1], 0.0)
+        for marker, phase in START_PHASES[1:]:
+            if phase not in self.seen and marker in text:
+                self.seen[phase] = at
+        return self.phase
+
+    @property
+    def phase(self) -> str:
+        phases = [p for _, p in START_PHASES if p in self.seen]
+        return phases[-1] if phases else START_PHASES[0][1]
+
+    def summary(self, ready_at: float) -> str:
+        """'import 12.1s, engine config 0.5s, ...' for the phases this worker went through."""
+        order = [p for _, p in START_PHASES if p in self.seen and p != "ready"]
+        marks = [self.seen[p] for p in order] + [ready_at]
+        parts = [f"{p} {marks[i + 1] - marks[i]:.1f}s" for i, p in enumerate(order)]
+        return ", ".join(parts)
+
+
 def wait_ready(workers: list[WorkerProcess], timeout_s: float = READY_TIMEOUT_S) -> None:
     t0 = time.monotonic()
     pending = {w.name: w for w in workers}
-    last_line = ""
+    watches = {w.name: StartWatch(w) for w in workers}
+    last_state = ""
+    last_print = -PROGRESS_EVERY_S
     with httpx.Client(timeout=2.0, trust_env=False) as client:
         while pending:
+            now = time.monotonic()
             for name, w in list(pending.items()):
                 if w.proc.poll() is not None:
                     tail = w.log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"worker '{name}' exited ({w.proc.returncode}):\n{tail}")
+                watches[name].poll(now)
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(f"{w.url}/readyz").status_code == 200:
                         del pending[name]
+                        ready_at = time.monotonic() - w.started_at
+                        if sys.stderr.isatty():
+                            print("\r\033[K", end="", file=sys.stderr)
+                        say(
+                            f"worker '{name}' ready in {ready_at:.1f}s: "
+                            f"{watches[name].summary(ready_at)}"
+                        )
             elapsed = time.monotonic() - t0
             done = len(workers) - len(pending)
+            state = ", ".join(f"{n}: {watches[n].phase}" for n in pending) or "-"
             line = (
                 f"workers ready {done}/{len(workers)} "
-                f"[{'#' * done}{'.' * len(pending)}] {elapsed:5.0f}s  "
-                f"waiting: {', '.join(pending) or '-'}"
+                f"[{'#' * done}{'.' * len(pending)}] {elapsed:5.0f}s  {state}"
             )
             if sys.stderr.isatty():
-                print(f"\r{line}", end="", file=sys.stderr, flush=True)
-            elif line.split("s  ")[1] != last_line:
+                print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+            elif state != last_state or elapsed - last_print >= PROGRESS_EVERY_S:
                 say(line)
-                last_line = line.split("s  ")[1]
+                last_state, last_print = state, elapsed
             if elapsed > timeout_s:
                 raise TimeoutError(
                     f"workers not ready after {timeout_s:.0f}s: {', '.join(pending)}"

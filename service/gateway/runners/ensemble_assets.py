@@ -21,9 +21,12 @@ from service.chat_template import prompt_token_ids
 from service.errors import BadRequest, Unavailable
 from service.gateway.clients.pool import WorkerPools
 from service.graph.schema import GraphConfig
+from service.heap import release_freed_memory
 from service.protocol.internal import GenerateRequest
 
 log = logging.getLogger(__name__)
+# One import at a time: transformers' lazy module is not safe to import from two threads at
+# once (the preload thread and a request can race; the loser sees a half-built module).
 _TRANSFORMERS_IMPORT = threading.Lock()
 
 
@@ -92,17 +95,106 @@ def _document_start(tokenizer: Any) -> int | None:
     return eos if isinstance(eos, int) else (bos if isinstance(bos, int) else None)
 
 
+# The named special tokens a chat template sees as variables (transformers'
+# SPECIAL_TOKENS_ATTRIBUTES: `special_tokens_map`, v5).
+_SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+class LightTokenizer:
+    """What prompt encoding needs of a `transformers` tokenizer (chat_template.HFTokenizer:
+    encode, apply_chat_template, the special ids), on the `tokenizers` library alone, read
+    from the model directory as transformers reads it (tokenizer.json, tokenizer_config.json,
+    chat_template.jinja) and rendered by transformers' own Jinja renderer.
+
+    `AutoTokenizer` held ~0.45 GB in the gateway for Gemma-3 (transformers v5 keeps the
+    vocabulary and 515k merges as Python objects besides the Rust tokenizer) and imported
+    torch (~0.25 GB); this is the Rust tokenizer (~0.1 GB) and no torch.
+    tests/unit/test_light_tokenizer.py holds it equal to AutoTokenizer on the packaged models.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        import json
+
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        config_path = model_dir / "tokenizer_config.json"
+        config: dict[str, Any] = (
+            json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        )
+        template_path = model_dir / "chat_template.jinja"
+        template = (
+            template_path.read_text(encoding="utf-8")
+            if template_path.is_file()
+            else config.get("chat_template")
+        )
+        if isinstance(template, list):  # [{"name": ..., "template": ...}]: the default one
+            named = {t.get("name"): t.get("template") for t in template}
+            template = named.get("default")
+        self.chat_template: str | None = template or None
+        self.special_tokens_map: dict[str, str] = {}
+        for name in _SPECIAL_TOKEN_NAMES:
+            value = config.get(name)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and value:
+                self.special_tokens_map[name] = value
+        self.bos_token_id = self._token_id("bos_token")
+        self.eos_token_id = self._token_id("eos_token")
+
+    def _token_id(self, name: str) -> int | None:
+        text = self.special_tokens_map.get(name)
+        return None if text is None else self._tokenizer.token_to_id(text)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self._tokenizer.get_vocab(with_added_tokens=True))
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]],
+        *,
+        tokenize: bool = False,
+        add_generation_prompt: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        if tokenize:
+            raise NotImplementedError("render, then encode")
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        with _TRANSFORMERS_IMPORT:
+            # transformers.utils imports no torch; the renderer is the one apply_chat_template
+            # uses (sandboxed Jinja, trim_blocks/lstrip_blocks, raise_exception, tojson...).
+            from transformers.utils.chat_template_utils import render_jinja_template
+        # Returns (rendered conversations, generation indices); annotated as str upstream.
+        out: Any = render_jinja_template(
+            conversations=[conversation],
+            tools=list(tools) if tools is not None else None,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **{**self.special_tokens_map, **kwargs},
+        )
+        return str(out[0][0])
+
+
 def load_member_assets(model: str, model_dir: Path, max_model_len: int) -> MemberAssets:
     """Blocking: parses tokenizer files (Gemma's table is cached as .npz after the first; its
     canonical encoder is still built from tokenizer.json, here rather than on first use)."""
     table = TokenByteTable.from_tokenizer_file(model_dir / "tokenizer.json")
     table.load_encoder()
-    # One import at a time: transformers' lazy module is not safe to import from two threads
-    # at once (the preload thread and a request can race; the loser sees a half-built module).
-    with _TRANSFORMERS_IMPORT:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = LightTokenizer(model_dir)
+    release_freed_memory()  # the JSON parses' garbage: ~0.3 GB for Gemma-3 (service/heap.py)
     return MemberAssets(model, table, HFPromptEncoder(tokenizer), max_model_len)
 
 

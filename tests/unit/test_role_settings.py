@@ -1,0 +1,77 @@
+"""`octograph up` sizes each worker's engine from the model's role (issue 21): KV space for
+what the role must hold, sequences at once, the model runner in the engine-core process; a
+user's own OCTOGRAPH_WORKER_* settings win."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.embedded import (
+    ANSWER_FULL_SEQUENCES,
+    ROUTER_MAX_NUM_SEQS,
+    ROUTER_TOKENS_PER_SEQUENCE,
+    kv_bytes_per_token,
+    role_settings,
+)
+from service.graph.schema import load_graph
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def model_dir(tmp_path: Path, name: str, **config: object) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+SMOL = {"num_hidden_layers": 30, "num_key_value_heads": 3, "hidden_size": 576,
+        "num_attention_heads": 9}  # fmt: skip
+
+
+def test_kv_bytes_per_token(tmp_path: Path) -> None:
+    # SmolLM2-135M: K and V, 30 layers, 3 KV heads of 64, bfloat16.
+    assert kv_bytes_per_token(model_dir(tmp_path, "s", **SMOL)) == 2 * 30 * 3 * 64 * 2
+    gemma = {"text_config": {"num_hidden_layers": 18, "num_key_value_heads": 1,
+                             "head_dim": 256, "num_attention_heads": 4}}  # fmt: skip
+    assert kv_bytes_per_token(model_dir(tmp_path, "g", **gemma)) == 2 * 18 * 256 * 2
+    assert kv_bytes_per_token(tmp_path / "absent") is None
+    assert kv_bytes_per_token(model_dir(tmp_path, "bad", hidden_size=1)) is None
+
+
+def test_roles_of_the_default_graph(tmp_path: Path) -> None:
+    graph = load_graph(REPO / "configs/local.yaml")
+    leaf = role_settings(graph, "smollm2", model_dir(tmp_path, "smollm2", **SMOL))
+    per_token = 2 * 30 * 3 * 64 * 2
+    assert leaf["OCTOGRAPH_WORKER_EXECUTOR"] == "uni"
+    assert float(leaf["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) == pytest.approx(
+        ANSWER_FULL_SEQUENCES * 2048 * per_token / (1 << 30), rel=1e-3
+    )
+    router_dir = model_dir(tmp_path, "router", **{**SMOL, "num_hidden_layers": 16})
+    router = role_settings(graph, "router", router_dir)
+    assert router["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] == str(ROUTER_MAX_NUM_SEQS)
+    tokens = ROUTER_MAX_NUM_SEQS * ROUTER_TOKENS_PER_SEQUENCE
+    assert float(router["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) == pytest.approx(
+        tokens * 2 * 16 * 3 * 64 * 2 / (1 << 30), rel=1e-3
+    )
+    # Far below the 2 GiB each worker had: the router needs a few hundred tokens a sequence.
+    assert float(router["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) < 0.25
+    # No config.json (a fake engine): the worker's own default KV size stays.
+    assert "OCTOGRAPH_WORKER_KV_CACHE_GIB" not in role_settings(graph, "gemma3", tmp_path)
+
+
+def test_a_users_settings_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.embedded as embedded
+
+    graph = load_graph(REPO / "configs/local.yaml")
+    spawned: list[dict[str, str]] = []
+    monkeypatch.setattr(embedded, "spawn", lambda cmd, env, log: spawned.append(env))
+    monkeypatch.setattr(embedded, "WorkerProcess", lambda *a, **k: None)
+    dirs = {"router": model_dir(tmp_path, "router", **SMOL)}
+    environ = {"OCTOGRAPH_WORKER_KV_CACHE_GIB": "2", "PATH": "/usr/bin"}
+    embedded.start_workers(graph, dirs, tmp_path / "logs", environ=environ)
+    assert spawned[0]["OCTOGRAPH_WORKER_KV_CACHE_GIB"] == "2"
+    assert spawned[0]["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] == str(ROUTER_MAX_NUM_SEQS)

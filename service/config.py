@@ -65,6 +65,20 @@ class GatewaySettings(BaseSettings):
         description="prompt + completion tokens per minute per API key (counted when a "
         "request ends; a key over it is refused until its minute has passed)",
     )
+    # Shared state (service/gateway/shared/): unset = every limit and the console's view are
+    # per process (the embedded default); set = kept in this Redis for every gateway replica.
+    redis_url: SecretStr | None = Field(
+        None, description="redis://[:password@]host:port/db shared by every gateway replica"
+    )
+    redis_timeout_s: PositiveFloat = Field(
+        0.25, description="connect, read and pool-wait bound of every Redis call"
+    )
+    redis_max_connections: PositiveInt = 32
+    redis_failure: Literal["fail_open", "fail_closed"] = Field(
+        "fail_open",
+        description="when Redis cannot be reached: admit on per-process limits (fail_open) "
+        "or refuse with 503 (fail_closed); either way a metric and a log line",
+    )
     # The workers' shared secret (service/internal_auth.py); the same variable as the
     # workers' own setting, OCTOGRAPH_WORKER_SECRET_FILE. Unset = workers are called without.
     worker_secret_file: Path | None = None

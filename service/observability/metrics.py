@@ -89,3 +89,15 @@ class GatewayMetrics:
             ["node"],
             registry=registry,
         )
+        # Shared state (service/gateway/shared/): operation names a fixed set per store.
+        self.shared_state_errors = Counter(
+            "octograph_shared_state_errors",
+            "Redis calls of the shared state that failed (unreachable, timed out, refused)",
+            ["operation"],
+            registry=registry,
+        )
+        self.console_feed_dropped = Counter(
+            "octograph_console_feed_dropped",
+            "Console events (decisions, counts, latencies) that never reached Redis",
+            registry=registry,
+        )

@@ -129,9 +129,7 @@ async def ensemble_speed(
     assert isinstance(node, EnsembleNode)
     http = make_http_client(5.0, 600.0)
     metrics = GatewayMetrics(CollectorRegistry())
-    pools = WorkerPools(
-        {m: [u] for m, u in urls.items()}, http, metrics, health_interval_s=5.0, cooldown_s=1.0
-    )
+    pools = WorkerPools({m: [u] for m, u in urls.items()}, http, metrics, cooldown_s=1.0)
     for _ in range(60):  # a busy worker may miss a 2 s readiness probe
         await pools.probe_once()
         if pools.all_ready:

@@ -44,7 +44,13 @@ def _gateway(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_json)
     graph = load_graph(settings.config)
     lifecycle = Lifecycle()
-    app = build_gateway_app(settings, graph, lifecycle=lifecycle)
+    app = build_gateway_app(
+        settings,
+        graph,
+        lifecycle=lifecycle,
+        graph_file=settings.config,  # watched: a new graph is swapped in without a restart
+        reload_on_sighup=True,
+    )
     if settings.metrics_port:
         from service.observability.metrics_server import start_metrics_server
 

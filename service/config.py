@@ -21,6 +21,12 @@ class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OCTOGRAPH_", extra="ignore")
 
     config: Path = Field(Path("configs/local.yaml"), description="graph YAML file")
+    graph_reload_interval_s: float = Field(
+        1.0,
+        ge=0.0,
+        description="how often the graph file is checked for a new content (SHA-256 of its "
+        "bytes) to reload without a restart; 0 = never (SIGHUP still reloads)",
+    )
     host: str = "127.0.0.1"
     port: PositiveInt = 8000
     metrics_port: int | None = Field(

@@ -583,7 +583,12 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
         supervisor.start()
         lifecycle = Lifecycle()
         app = build_gateway_app(
-            settings, graph, lifecycle=lifecycle, urls={w.name: [w.url] for w in workers}
+            settings,
+            graph,
+            lifecycle=lifecycle,
+            urls={w.name: [w.url] for w in workers},
+            graph_file=config_path,  # reloaded on change or SIGHUP; new models need a restart
+            reload_on_sighup=True,
         )
         serve(app, host, port, lifecycle, settings.shutdown_grace_s)
     except KeyboardInterrupt:

@@ -1,11 +1,15 @@
-"""The gateway app factory: wires settings, graph, worker pools, router and pipeline."""
+"""The gateway app factory: wires settings, the graph's runtime (graph_runtime.py), its reload
+(graph_reload.py), admission, the console and the routes."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,21 +21,23 @@ from service.config import GatewaySettings
 from service.gateway.admission import Admission
 from service.gateway.auth import ApiKeys
 from service.gateway.clients.pool import WorkerPools
-from service.gateway.clients.upstream import upstream_clients
 from service.gateway.clients.worker import make_http_client
 from service.gateway.console.stats import ConsoleStats
 from service.gateway.front_door import FrontDoor
+from service.gateway.graph_reload import GraphReloader
+from service.gateway.graph_runtime import (
+    GatewayServices,
+    GraphRuntime,
+    GraphRuntimes,
+    build_runtime,
+    worker_urls,
+)
 from service.gateway.middleware import GatewayMiddleware
-from service.gateway.observer import Observers
 from service.gateway.pipeline import Pipeline
 from service.gateway.routes import console as console_routes
 from service.gateway.routes import health, openai_routes
-from service.gateway.routing import Router
-from service.gateway.runners.base import NodeRunner
 from service.gateway.runners.ensemble import EnsembleRunner
-from service.gateway.runners.local import LocalRunner
-from service.gateway.runners.remote import RemoteRunner
-from service.graph.schema import GraphConfig, RouterNode
+from service.graph.schema import GraphConfig
 from service.http_errors import install_error_handlers
 from service.internal_auth import is_loopback_host, read_secret_file
 from service.observability.metrics import GatewayMetrics
@@ -40,31 +46,43 @@ from service.serving import Lifecycle
 
 log = logging.getLogger(__name__)
 
-
 @dataclass
 class GatewayState:
     settings: GatewaySettings
-    graph: GraphConfig
-    pools: WorkerPools
-    pipeline: Pipeline
+    runtimes: GraphRuntimes  # the graph's runtime; a reload swaps it (graph_runtime.py)
+    admission: Admission
     lifecycle: Lifecycle
     registry: CollectorRegistry
     metrics: GatewayMetrics
     console: ConsoleStats  # recent requests and routing decisions shown at /console
-    ensembles: EnsembleRunner
+    reloader: GraphReloader | None = None  # None: the graph came from no file (tests)
+
+    @property
+    def runtime(self) -> GraphRuntime:
+        """The current runtime. A request reads it once (`runtimes.use()` when it holds
+        replicas or streams) and keeps it: a reload mid-request changes nothing for it."""
+        return self.runtimes.current
+
+    # The current runtime's parts, for tests and tools (a request reads `runtime` once).
+    @property
+    def graph(self) -> GraphConfig:
+        return self.runtimes.current.graph
+
+    @property
+    def pools(self) -> WorkerPools:
+        return self.runtimes.current.pools
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.runtimes.current.pipeline
+
+    @property
+    def ensembles(self) -> EnsembleRunner:
+        return self.runtimes.current.ensembles
 
     @property
     def required_models(self) -> set[str]:
-        return {n.model for n in self.graph.nodes.values() if isinstance(n, RouterNode)}
-
-
-def worker_urls(
-    graph: GraphConfig, overrides: dict[str, list[str]] | None = None
-) -> dict[str, list[str]]:
-    urls = {name: list(spec.urls) for name, spec in graph.worker_models().items()}
-    for name, us in (overrides or {}).items():
-        urls[name] = us
-    return urls
+        return self.runtimes.current.required_models
 
 
 def build_gateway_app(
@@ -73,7 +91,12 @@ def build_gateway_app(
     *,
     lifecycle: Lifecycle | None = None,
     urls: dict[str, list[str]] | None = None,
+    graph_file: Path | None = None,
+    reload_on_sighup: bool = False,
 ) -> FastAPI:
+    """`graph_file`: the file `graph` was loaded from, watched for changes (every
+    `graph_reload_interval_s`); `reload_on_sighup`: SIGHUP reloads it too (the gateway
+    process only: a signal handler belongs to the process, not to an app a test builds)."""
     lifecycle = lifecycle or Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
@@ -88,24 +111,6 @@ def build_gateway_app(
             "no worker secret (OCTOGRAPH_WORKER_SECRET_FILE): workers off this machine are "
             "called without one, so their internal API must be open to anyone who reaches it"
         )
-    pools = WorkerPools(
-        all_urls,
-        http,
-        metrics,
-        health_interval_s=settings.health_interval_s,
-        cooldown_s=settings.cooldown_s,
-        upstreams=upstream_clients(graph),  # kind: openai models (runners/remote.py)
-        worker_secret=worker_secret,
-    )
-    router = Router(graph, pools, metrics)
-    idle = settings.stream_idle_timeout_s
-    ensembles = EnsembleRunner(graph, pools, metrics, idle_timeout_s=idle)
-    # The registry of node kinds, asked in order: a new kind is one runner and one line here.
-    runners: list[NodeRunner] = [
-        ensembles,
-        RemoteRunner(graph, pools, metrics),
-        LocalRunner(pools, metrics, idle, tool_parsers=graph.tool_parsers()),
-    ]
     admission = Admission(
         metrics,
         max_inflight=settings.max_inflight,
@@ -114,30 +119,45 @@ def build_gateway_app(
         rate_limit_rpm=settings.rate_limit_rpm,
         rate_limit_tpm=settings.rate_limit_tpm,
     )
-    # Series only for the graph's ids: the recorder's memory is bounded by the graph.
+    # Series only for the graph's ids: the recorder's memory is bounded by the graph (a reload
+    # re-tracks them: graph_runtime.build_runtime).
     ids = [*graph.nodes, *graph.models]
     console = ConsoleStats(ids)
-    observers = Observers(metrics, console, frozenset(ids), spend=admission.spend_tokens)
-    pipeline = Pipeline(
-        graph,
-        router,
-        runners,
-        admission,
-        observers,
-        max_request_sequences=settings.max_request_sequences,
+    services = GatewayServices(
+        settings, metrics, admission, console, http, worker_secret, dict(urls or {})
     )
+    # Router, runners, observers, pipeline, upstream clients: everything built from the graph.
+    runtimes = GraphRuntimes(
+        build_runtime(graph, services), metrics, health_interval_s=settings.health_interval_s
+    )
+    metrics.graph_generation.set(runtimes.current.generation)
+    metrics.graph_loaded_at.set(runtimes.current.loaded_at)
+    reloader = None
+    if graph_file is not None:
+        reloader = GraphReloader(
+            graph_file, runtimes, services, interval_s=settings.graph_reload_interval_s
+        )
+        reloader.baseline()
     state = GatewayState(
-        settings, graph, pools, pipeline, lifecycle, registry, metrics, console, ensembles
+        settings, runtimes, admission, lifecycle, registry, metrics, console, reloader
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await pools.probe_once()
-        pools.start()
-        yield
-        ensembles.close()
-        await pools.stop()
-        await http.aclose()
+        await runtimes.start()
+        if reloader is not None and (settings.graph_reload_interval_s > 0 or reload_on_sighup):
+            reloader.start()
+        if reloader is not None and reload_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.request_reload)
+        try:
+            yield
+        finally:
+            if reloader is not None and reload_on_sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            if reloader is not None:
+                await reloader.stop()
+            await runtimes.aclose()  # every runtime's pools and ensemble threads
+            await http.aclose()
 
     app = FastAPI(
         title="Octograph",

@@ -114,12 +114,15 @@ class FrontDoor:
             key=state.get("api_key"),
         )
         plan = planner(request, ctx)
-        async with _CancelOnDisconnect(receive) as watch:
-            reply = await watch.run(self.state.pipeline.handle(plan))
-            try:
-                await self._send_reply(reply, watch, send)
-            finally:
-                await watch.shield(reply.aclose())  # releases everything, however it ended
+        # The graph's runtime, read once: a reload during this request changes nothing for it,
+        # and the runtime is not released before the request ends (graph_runtime.py).
+        with self.state.runtimes.use() as runtime:
+            async with _CancelOnDisconnect(receive) as watch:
+                reply = await watch.run(runtime.pipeline.handle(plan))
+                try:
+                    await self._send_reply(reply, watch, send)
+                finally:
+                    await watch.shield(reply.aclose())  # releases everything, however it ended
 
     async def _send_reply(
         self,

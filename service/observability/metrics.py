@@ -89,6 +89,34 @@ class GatewayMetrics:
             ["node"],
             registry=registry,
         )
+        # Graph reload (service/gateway/graph_reload.py): result is one of a fixed set.
+        self.graph_reloads = Counter(
+            "octograph_graph_reloads",
+            "Graph file changes looked at, by result: applied; needs_worker (applied, some "
+            "models wait for a worker); invalid (refused, the previous graph stays); unchanged "
+            "(the file changed, the graph it describes did not)",
+            ["result"],
+            registry=registry,
+        )
+        self.graph_generation = Gauge(
+            "octograph_graph_generation",
+            "Generation of the graph being served: 1 at start, +1 per applied reload",
+            registry=registry,
+            multiprocess_mode="livemin",  # --processes N: the oldest graph any process serves
+        )
+        self.graph_loaded_at = Gauge(
+            "octograph_graph_loaded_timestamp_seconds",
+            "Unix time the graph being served was built",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
+        self.graph_info = Gauge(
+            "octograph_graph_info",
+            "1 for the SHA-256 of the graph file content being served (watched files only)",
+            ["sha256"],
+            registry=registry,
+            multiprocess_mode="livesum",  # --processes N: how many processes serve it
+        )
         # Shared state (service/gateway/shared/): operation names a fixed set per store.
         self.shared_state_errors = Counter(
             "octograph_shared_state_errors",

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol
 
@@ -103,19 +103,30 @@ PROBES_TO_MARK_DOWN = 3
 
 
 class WorkerPools:
+    """The replicas of one graph's models: Octograph workers and OpenAI-compatible upstreams.
+
+    One per graph runtime (service/gateway/graph_runtime.py). A reload keeps the pools whose
+    definition did not change (`keep_workers`, `keep_upstreams`: same object, so connections,
+    health and cooldowns carry over) and builds the others; whoever owns the runtimes closes a
+    pool once no runtime holds it (`close_pools`)."""
+
     def __init__(
         self,
         urls: dict[str, list[str]],
         http: httpx.AsyncClient,
         metrics: GatewayMetrics,
         *,
-        health_interval_s: float,
         cooldown_s: float,
         upstreams: Mapping[str, Sequence[UpstreamClient]] | None = None,
         worker_secret: str | None = None,
+        keep_workers: Mapping[str, ModelPool[WorkerClient]] | None = None,
+        keep_upstreams: Mapping[str, ModelPool[UpstreamClient]] | None = None,
     ) -> None:
+        kept_workers = keep_workers or {}
+        kept_upstreams = keep_upstreams or {}
         self.workers: dict[str, ModelPool[WorkerClient]] = {
-            name: ModelPool(
+            name: kept_workers.get(name)
+            or ModelPool(
                 name,
                 [Replica(WorkerClient(u, http, model=name, secret=worker_secret)) for u in us],
                 cooldown_s,
@@ -127,10 +138,9 @@ class WorkerPools:
             name: ModelPool(name, [Replica(c) for c in clients], cooldown_s)
             for name, clients in (upstreams or {}).items()
         }
+        self.upstreams.update(kept_upstreams)
         self.pools: dict[str, ModelPool[Any]] = {**self.workers, **self.upstreams}
         self._metrics = metrics
-        self._interval = health_interval_s
-        self._task: asyncio.Task[None] | None = None
 
     def __getitem__(self, model: str) -> ModelPool[WorkerClient]:
         return self.workers[model]
@@ -139,7 +149,9 @@ class WorkerPools:
     def all_ready(self) -> bool:
         return all(p.ready for p in self.pools.values())
 
-    async def probe_once(self) -> None:
+    async def probe_once(self, only: Collection[str] | None = None) -> None:
+        """Probe every replica (or those of the models in `only`) once."""
+
         async def probe(pool: ModelPool[Any], replica: Replica[Any]) -> None:
             ok = await replica.client.ready(timeout_s=PROBE_TIMEOUT_S)
             replica.failed_probes = 0 if ok else replica.failed_probes + 1
@@ -153,27 +165,23 @@ class WorkerPools:
                 pool.mark_failed(replica)
             self._metrics.worker_up.labels(pool.name, replica.url).set(1 if replica.healthy else 0)
 
-        await asyncio.gather(*(probe(p, r) for p in self.pools.values() for r in p.replicas))
+        pools = [p for name, p in self.pools.items() if only is None or name in only]
+        await asyncio.gather(*(probe(p, r) for p in pools for r in p.replicas))
 
-    async def _loop(self) -> None:
-        while True:
+    async def aclose(self) -> None:
+        await close_pools(self.pools.values(), self._metrics)
+
+
+async def close_pools(pools: Iterable[ModelPool[Any]], metrics: GatewayMetrics) -> None:
+    """Close the replicas' clients (connections) and drop their health series."""
+    for pool in pools:
+        for replica in pool.replicas:
             try:
-                await self.probe_once()
-            except Exception:  # a probe bug must not kill health checking
-                log.exception("health probe failed")
-            await asyncio.sleep(self._interval)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for pool in self.pools.values():
-            for replica in pool.replicas:
                 await replica.client.aclose()
+            except Exception:  # one client failing to close must not keep the others open
+                log.exception("closing a replica client failed", extra={"replica": replica.url})
+            with contextlib.suppress(KeyError):  # never probed: no series
+                metrics.worker_up.remove(pool.name, replica.url)
 
 
 # -- the one retry rule ----------------------------------------------------------------------

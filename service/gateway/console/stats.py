@@ -117,7 +117,22 @@ class ConsoleStats:
         # One bucket per second of the window (+1 for the partial current second).
         slots = int(window_s) + 1
         self._series = {i: _Series(deque(maxlen=slots), deque(maxlen=latency_samples)) for i in ids}
+        self._latency_samples = latency_samples  # per series, also for ids tracked later
         self._decisions: deque[Decision] = deque(maxlen=max_decisions)
+
+    def track(self, ids: Iterable[str]) -> None:
+        """Series for exactly these ids (a reloaded graph's): new ids start empty, the ids
+        both graphs have keep their history, the others are dropped (memory stays bounded by
+        the graph)."""
+        wanted = list(ids)
+        if set(wanted) == set(self._series):
+            return
+        slots = int(self.window_s) + 1
+        self._series = {
+            i: self._series.get(i)
+            or _Series(deque(maxlen=slots), deque(maxlen=self._latency_samples))
+            for i in wanted
+        }
 
     # -- recording (hot path: O(1), no I/O) --------------------------------------------------
 

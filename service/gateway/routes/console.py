@@ -65,7 +65,8 @@ _errors: dict[int | str, dict[str, Any]] = {
 async def graph(state: StateDep) -> ConsoleGraph:
     """Every node with its kind, model, children (and their functional tokens), fallback,
     ensemble members, and the health of the models it needs (replicas up/total)."""
-    return graph_view(state.graph, state.pools)
+    runtime = state.runtime  # one graph for the whole answer, even across a reload
+    return graph_view(runtime.graph, runtime.pools)
 
 
 @router.get("/api/stats", responses=_errors)
@@ -80,6 +81,7 @@ async def stats(
 ) -> ConsoleStatsResponse:
     """Per node: requests and errors in the last minute, p50/p99 latency; recent routing
     decisions (newest first) with their route, per-hop scores and routing latency."""
-    if node is not None and node not in state.graph.nodes:
+    graph = state.runtime.graph  # one graph for the whole answer, even across a reload
+    if node is not None and node not in graph.nodes:
         raise NotFound(f"the node '{node}' does not exist")
-    return stats_view(state.console, state.graph, node, limit)
+    return stats_view(state.console, graph, node, limit)

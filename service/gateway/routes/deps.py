@@ -7,6 +7,7 @@ about as much as everything else together (bench/gateway_overhead.py). They neve
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
@@ -27,8 +28,11 @@ async def get_state(request: Request) -> GatewayState:
     return _state(request)
 
 
-async def get_pipeline(request: Request) -> Pipeline:
-    return _state(request).pipeline
+async def get_pipeline(request: Request) -> AsyncIterator[Pipeline]:
+    """The current graph runtime's pipeline, held (not released by a reload) until the
+    route's answer is done."""
+    with _state(request).runtimes.use() as runtime:
+        yield runtime.pipeline
 
 
 async def get_context(request: Request) -> RequestContext:

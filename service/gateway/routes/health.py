@@ -23,10 +23,11 @@ async def readyz(state: StateDep) -> Response:
     models (without them nothing routes), or every model of a graph without routers. A leaf
     model being down is not a reason to pull every gateway replica out of the Service: its
     requests get a 503 or the router's fallback instead."""
-    models = {name: pool.ready for name, pool in state.pools.pools.items()}
+    runtime = state.runtime  # one graph for the whole answer, even across a reload
+    models = {name: pool.ready for name, pool in runtime.pools.pools.items()}
     if state.lifecycle.draining:
         return JSONResponse({"status": "draining", "models": models}, status_code=503)
-    required = state.required_models or set(models)
+    required = runtime.required_models & set(models)
     ready = all(models[m] for m in required)
     return JSONResponse(
         {"status": "ready" if ready else "waiting for workers", "models": models},

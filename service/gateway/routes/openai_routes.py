@@ -20,22 +20,23 @@ router = APIRouter(
 async def list_models(state: StateDep) -> ModelList:
     """`auto`, every node of the graph and every model."""
     created = int(state.lifecycle.started_at)
+    graph = state.runtime.graph  # one graph for the whole list, even across a reload
     cards = []
-    if state.graph.root:
+    if graph.root:
         cards.append(
             ModelCard(
                 id="auto",
                 created=created,
                 kind="auto",
-                description=f"routed from '{state.graph.root}'",
+                description=f"routed from '{graph.root}'",
             )
         )
-    for nid, node in state.graph.nodes.items():
+    for nid, node in graph.nodes.items():
         cards.append(
             ModelCard(id=nid, created=created, kind=node.kind, description=node.description)
         )
-    for mid in state.graph.models:
-        if mid not in state.graph.nodes:
+    for mid in graph.models:
+        if mid not in graph.nodes:
             cards.append(ModelCard(id=mid, created=created, kind="raw-model"))
     return ModelList(data=cards)
 

@@ -120,16 +120,18 @@ class EnsembleRunner:
         threads: int = DEFAULT_THREADS,
         prune: float = DEFAULT_PRUNE,
         preload: bool = True,
+        previous_assets: AssetCache | None = None,
     ) -> None:
         self.graph = graph
         self.pools = pools
         self.metrics = metrics
-        self.assets = AssetCache(graph, pools, assets)
+        # After a reload, the replaced runtime's assets: nothing unchanged is parsed again.
+        self.assets = AssetCache(graph, pools, assets, previous=previous_assets)
         self.prune = prune
         self.idle_timeout_s = idle_timeout_s
         self.totals = TreeTotals()
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="ensemble")
-        if preload and assets is None:
+        if preload and self.assets.factory is None:
             self.assets.preload(
                 sorted(
                     {

@@ -205,17 +205,34 @@ class AssetCache:
     """Per-model assets, loaded once (a lock per model; a failed load is retried by the next
     request).  `factory` (tests) replaces loading from model directories.  `preload` starts
     loading, in a background thread, the members whose directory is known from the graph, so
-    the first ensemble request does not pay for parsing tokenizers (tens of seconds here)."""
+    the first ensemble request does not pay for parsing tokenizers (tens of seconds here).
+
+    One cache per graph runtime; `previous` (the runtime a reload replaces) shares its loaded
+    assets, keyed by the model's spec: a reload that changes a system prompt parses nothing
+    again, a model whose spec changed is loaded anew, and a model no longer in the graph is
+    forgotten (requests still running on it keep their own reference)."""
 
     def __init__(
-        self, graph: GraphConfig, pools: WorkerPools | None, factory: AssetFactory | None = None
+        self,
+        graph: GraphConfig,
+        pools: WorkerPools | None,
+        factory: AssetFactory | None = None,
+        *,
+        previous: AssetCache | None = None,
     ) -> None:
         self.graph = graph
         self.pools = pools
-        self.factory = factory
-        self._assets: dict[str, MemberAssets] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self.factory: AssetFactory | None = factory
+        if factory is None and previous is not None:
+            self.factory = previous.factory
+        self._store: _AssetStore = previous._store if previous is not None else _AssetStore()
+        self._keys = {
+            name: (name, spec.model_dump_json()) for name, spec in graph.worker_models().items()
+        }
+        self._store.retain(set(self._keys.values()))
+
+    def _key(self, model: str) -> tuple[str, str]:
+        return self._keys.get(model, (model, ""))
 
     def preload(self, models: list[str]) -> None:
         known = [
@@ -238,19 +255,21 @@ class AssetCache:
         threading.Thread(target=run, name="ensemble-preload", daemon=True).start()
 
     async def get(self, model: str) -> MemberAssets:
-        hit = self._assets.get(model)
+        hit = self._store.assets.get(self._key(model))
         if hit is not None:
             return hit
         model_dir = None if self.factory is not None else self._model_dir(model)
         return await asyncio.to_thread(self._get_blocking, model, model_dir)
 
     def _get_blocking(self, model: str, model_dir: Path | None) -> MemberAssets:
-        with self._guard:
-            lock = self._locks.setdefault(model, threading.Lock())
+        key = self._key(model)
+        store = self._store
+        with store.guard:
+            lock = store.locks.setdefault(key, threading.Lock())
         with lock:
-            hit = self._assets.get(model)
+            hit = store.assets.get(key)
             if hit is None:
-                hit = self._assets[model] = self._load(model, model_dir)
+                hit = store.assets[key] = self._load(model, model_dir)
             return hit
 
     def _static_dir(self, model: str) -> Path:
@@ -289,3 +308,19 @@ class AssetCache:
         spec = self.graph.worker_models()[model]
         log.info("loading byte tables", extra={"model": model, "dir": str(model_dir)})
         return load_member_assets(model, model_dir, spec.max_model_len)
+
+
+class _AssetStore:
+    """The loaded assets shared by the caches of successive graph runtimes, by (model, spec)."""
+
+    def __init__(self) -> None:
+        self.assets: dict[tuple[str, str], MemberAssets] = {}
+        self.locks: dict[tuple[str, str], threading.Lock] = {}
+        self.guard = threading.Lock()
+
+    def retain(self, keys: set[tuple[str, str]]) -> None:
+        with self.guard:
+            for key in [k for k in self.assets if k not in keys and k[1]]:
+                del self.assets[key]
+            for key in [k for k in self.locks if k not in keys and k[1]]:
+                del self.locks[key]

@@ -60,6 +60,11 @@ class GatewaySettings(BaseSettings):
     # only to loopback Host values) unless allow_open says the operator means it.
     api_keys: list[SecretStr] = Field(default_factory=list)
     api_keys_file: Path | None = None
+    admin_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="API keys that also see every client's routing decisions in the console "
+        "(/console/api/stats); with API keys set, other keys see counters only",
+    )
     allow_open: bool = Field(
         False, description="serve without API keys on a non-loopback address (and any Host)"
     )

@@ -37,6 +37,8 @@ from service.gateway.pipeline import Pipeline
 from service.gateway.routes import console as console_routes
 from service.gateway.routes import health, openai_routes
 from service.gateway.runners.ensemble import EnsembleRunner
+from service.gateway.shared.console_feed import ConsoleFeed
+from service.gateway.shared.redis_client import make_redis
 from service.graph.schema import GraphConfig
 from service.http_errors import install_error_handlers
 from service.internal_auth import is_loopback_host, read_secret_file
@@ -101,6 +103,8 @@ def build_gateway_app(
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     http = make_http_client(settings.worker_connect_timeout_s, settings.worker_read_timeout_s)
+    # The console's Redis client (None without OCTOGRAPH_REDIS_URL); admission has its own.
+    redis = make_redis(settings)
     secret_file = settings.worker_secret_file
     worker_secret = read_secret_file(secret_file) if secret_file is not None else None
     all_urls = worker_urls(graph, urls)
@@ -122,7 +126,9 @@ def build_gateway_app(
     # Series only for the graph's ids: the recorder's memory is bounded by the graph (a reload
     # re-tracks them: graph_runtime.build_runtime).
     ids = [*graph.nodes, *graph.models]
-    console = ConsoleStats(ids)
+    # With Redis, the console also publishes to (and reads) the whole deployment's view.
+    feed = ConsoleFeed(redis, metrics, timeout_s=settings.redis_timeout_s) if redis else None
+    console = ConsoleStats(ids, feed=feed)
     services = GatewayServices(
         settings, metrics, admission, console, http, worker_secret, dict(urls or {})
     )
@@ -145,6 +151,8 @@ def build_gateway_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtimes.start()
+        if feed is not None:
+            feed.start()
         if reloader is not None and (settings.graph_reload_interval_s > 0 or reload_on_sighup):
             reloader.start()
         if reloader is not None and reload_on_sighup:
@@ -158,6 +166,10 @@ def build_gateway_app(
                 await reloader.stop()
             await runtimes.aclose()  # every runtime's pools and ensemble threads
             await http.aclose()
+            if feed is not None:
+                await feed.close()
+            if redis is not None:
+                await redis.aclose()
 
     app = FastAPI(
         title="Octograph",
@@ -173,7 +185,11 @@ def build_gateway_app(
     app.include_router(console_routes.router)
     # Added before GatewayMiddleware, so it runs inside it (auth, request ids, draining).
     app.add_middleware(FrontDoor, state=state)
-    keys = ApiKeys([k.get_secret_value() for k in settings.api_keys], settings.api_keys_file)
+    keys = ApiKeys(
+        [k.get_secret_value() for k in settings.api_keys],
+        settings.api_keys_file,
+        admin_keys=[k.get_secret_value() for k in settings.admin_keys],
+    )
     app.add_middleware(
         GatewayMiddleware,
         keys=keys,

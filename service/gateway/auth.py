@@ -10,7 +10,11 @@ cannot be read or decoded keeps the keys loaded before (a warning in the log, ne
 
 Exposure rules, checked at start-up (`check_exposure`): without any key the gateway is open,
 which it accepts on a loopback bind only unless OCTOGRAPH_ALLOW_OPEN=true; a key that the
-repository publishes as an example is refused wherever it comes from."""
+repository publishes as an example is refused wherever it comes from.
+
+Admin keys (OCTOGRAPH_ADMIN_KEYS) are API keys that may also see other clients' traffic: the
+console's routing decisions. On an open gateway (no keys) there are no tenants, so every caller
+may."""
 
 from __future__ import annotations
 
@@ -52,8 +56,12 @@ class ApiKeys:
         self,
         keys: list[str],
         keys_file: Path | None = None,
+        admin_keys: list[str] | None = None,
     ) -> None:
-        self._static = [_digest(k) for k in keys if k]
+        admins = [k for k in admin_keys or [] if k]
+        self._static = [_digest(k) for k in [*keys, *admins] if k]
+        # Identities (authenticate's digest prefix) of the admin keys, never the keys.
+        self._admin_ids = frozenset(_digest(k).hex()[:16] for k in admins)
         self._file = keys_file
         self._file_digests: list[bytes] = []
         self._file_hash: bytes | None = None
@@ -122,11 +130,20 @@ class ApiKeys:
             return None, Unauthorized("invalid API key")
         return given.hex()[:16], None
 
+    def sees_every_client(self, identity: str | None) -> bool:
+        """May the caller `authenticate` identified see other clients' traffic? Anyone on an
+        open gateway; with keys, only an admin key."""
+        if not self.enabled:
+            return True
+        return identity is not None and identity in self._admin_ids
+
 
 def check_exposure(settings: GatewaySettings) -> None:
     """Refuse to serve an open API (no key) on a non-loopback address, unless the operator says
     so with OCTOGRAPH_ALLOW_OPEN=true."""
-    keyed = bool(settings.api_keys) or settings.api_keys_file is not None
+    keyed = (
+        bool(settings.api_keys) or bool(settings.admin_keys) or settings.api_keys_file is not None
+    )
     if keyed or settings.allow_open or is_loopback_host(settings.host):
         return
     raise ExposureError(

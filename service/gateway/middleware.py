@@ -117,6 +117,8 @@ class GatewayMiddleware:
                 await send_error(send_with_id, error, [(b"www-authenticate", b"Bearer")])
                 return
             scope["state"]["api_key"] = key  # who, for per-key limits (admission.py)
+            # May see other clients' traffic (the console's decisions): an admin key.
+            scope["state"]["sees_every_client"] = self.keys.sees_every_client(key)
         if scope["method"] == "POST" and path.startswith(JSON_PREFIXES):
             content_type = _header(scope, b"content-type") or ""
             if content_type.split(";", 1)[0].strip().lower() != "application/json":

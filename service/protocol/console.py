@@ -71,7 +71,26 @@ class RoutingDecision(BaseModel):
     reformatted_query: str | None = None
 
 
+StatsScope = Literal["deployment", "this replica"]
+SharedView = Literal["off", "ok", "unreachable"]
+
+
 class ConsoleStatsResponse(BaseModel):
     window_s: float
+    scope: StatsScope = Field(
+        ...,
+        description="whose traffic this is: every gateway replica's (shared state in Redis) "
+        "or only the replica that answered",
+    )
+    shared_view: SharedView = Field(
+        ...,
+        description="the deployment's view in Redis: off (no OCTOGRAPH_REDIS_URL), ok, or "
+        "unreachable (this replica's own view is shown instead)",
+    )
     nodes: list[NodeStats]
     decisions: list[RoutingDecision] = Field(..., description="newest first")
+    decisions_hidden: bool = Field(
+        False,
+        description="routing decisions carry every client's traffic: with API keys set, only "
+        "admin keys (OCTOGRAPH_ADMIN_KEYS) see them; true when this key is not one",
+    )

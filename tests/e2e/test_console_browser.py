@@ -156,6 +156,9 @@ def test_console_draws_the_graph_routes_a_prompt_and_streams_the_answer(
         browser,
         lambda d: "/min" in node_el(d, "math").find_element(By.CSS_SELECTOR, "text.counters").text,
     )
+    # No shared state: the page says its counters are this replica's.
+    scope = browser.find_element(By.ID, "scope")
+    assert (scope.text, scope.get_attribute("data-scope")) == ("this replica", "this replica")
     # Each router edge carries its child's functional token.
     tokens = assign_tokens(graph)
     for rid, router in graph.nodes.items():
@@ -304,8 +307,34 @@ def test_console_asks_for_the_api_key(browser: Any) -> None:
         wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#graph .node")) == nodes)
         assert not browser.find_element(By.ID, "key-dialog").is_displayed()
         assert browser.find_element(By.ID, "conn").text == "live"
+        # An API key that is not an admin key sees counters, and no one's routing decisions.
+        wait(browser, lambda d: "admin keys" in d.find_element(By.ID, "dec-empty").text)
     finally:
         s.stop()
+
+
+def test_console_shows_the_deployment_scope_and_its_loss(browser: Any, tmp_path: Path) -> None:
+    """With OCTOGRAPH_REDIS_URL the page says it shows every replica; with Redis gone, that it
+    shows the one that answered, and why."""
+    from tests.unit.test_console_shared import REDIS_SERVER, RedisServer
+
+    if not Path(REDIS_SERVER).is_file():
+        pytest.skip("redis-server is not installed: run scripts/redis-tools.sh")
+    redis = RedisServer(tmp_path)
+    redis.start()
+    s = ThreadedStack(settings_kw={"redis_url": redis.url}).start()
+    try:
+        browser.get(s.url + "/console")
+        wait(browser, lambda d: d.find_element(By.ID, "scope").text == "all replicas")
+        assert "pill-ok" in classes(browser.find_element(By.ID, "scope"))
+        redis.stop()
+        wait(browser, lambda d: "unreachable" in d.find_element(By.ID, "scope").text)
+        scope = browser.find_element(By.ID, "scope")
+        assert scope.get_attribute("data-scope") == "this replica"
+        assert "pill-bad" in classes(scope)
+    finally:
+        s.stop()
+        redis.stop()
 
 
 # A stand-in for an ensemble's stream, served by the page's own fetch: the fake engines have no

@@ -2,6 +2,8 @@
 decisions. In memory, per gateway process, bounded: per-second buckets over a sliding window,
 at most `latency_samples` latencies per node, at most `max_decisions` decisions, and series only
 for the ids the graph defines (so a client cannot grow memory with made-up model names).
+With shared state (OCTOGRAPH_REDIS_URL) every event is also handed to the deployment's feed
+(service/gateway/shared/console_feed.py), and this view is what the console falls back to.
 
 Prometheus (/metrics) stays the source for dashboards and alerts; this is the small, immediate
 view a person opening /console wants without running a Prometheus server.
@@ -15,10 +17,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from service.errors import ServiceError
 from service.gateway.routing import RouteResult
+
+if TYPE_CHECKING:
+    from service.gateway.shared.console_feed import ConsoleFeed
 
 Outcome = Literal["ok", "client_error", "error", "cancelled"]
 T = TypeVar("T")
@@ -110,8 +115,12 @@ class ConsoleStats:
         max_decisions: int = 200,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        feed: ConsoleFeed | None = None,
     ) -> None:
         self.window_s = window_s
+        # With shared state (OCTOGRAPH_REDIS_URL): every event also goes to the deployment's
+        # view (buffered there, flushed off the request path); this view stays the fallback.
+        self.feed = feed
         self._clock = clock
         self._wall = wall_clock
         # One bucket per second of the window (+1 for the partial current second).
@@ -142,17 +151,18 @@ class ConsoleStats:
         if not result.scores:
             return  # addressed a model node directly: nothing was decided
         route = tuple(h for h in result.route if not h.startswith(FALLBACK_PREFIX))
-        self._decisions.append(
-            Decision(
-                at=self._wall(),
-                start=route[0],
-                route=route,
-                scores=tuple(dict(s) for s in result.scores),
-                node=result.node,
-                seconds=result.seconds,
-                reformatted_query=result.reformatted_query,
-            )
+        made = Decision(
+            at=self._wall(),
+            start=route[0],
+            route=route,
+            scores=tuple(dict(s) for s in result.scores),
+            node=result.node,
+            seconds=result.seconds,
+            reformatted_query=result.reformatted_query,
         )
+        self._decisions.append(made)
+        if self.feed is not None:
+            self.feed.decision(made)
         now = self._clock()
         for router in route[: len(result.scores)]:
             self._add(router, now, result.seconds, error=False)
@@ -172,6 +182,8 @@ class ConsoleStats:
         series = self._series.get(node)
         if series is not None:
             series.add(now, seconds, error)
+            if self.feed is not None:
+                self.feed.count(node, seconds, error=error)
 
     # -- reading ------------------------------------------------------------------------------
 

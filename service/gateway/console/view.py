@@ -4,10 +4,10 @@ functions so the routes stay thin and the shapes are testable without HTTP."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from service.gateway.clients.pool import WorkerPools
-from service.gateway.console.stats import ConsoleStats
+from service.gateway.console.stats import ConsoleStats, Decision, NodeSnapshot
 from service.graph.functional_tokens import assign_tokens, token_name
 from service.graph.schema import EnsembleNode, GraphConfig, ModelNode, RouterNode
 from service.protocol.console import (
@@ -20,7 +20,20 @@ from service.protocol.console import (
     ModelHealth,
     NodeStats,
     RoutingDecision,
+    SharedView,
+    StatsScope,
 )
+
+
+class StatsSource(Protocol):
+    """This process's ConsoleStats, or the deployment's view read from Redis."""
+
+    @property
+    def window_s(self) -> float: ...
+
+    def node(self, node: str) -> NodeSnapshot: ...
+
+    def decisions(self, node: str | None = None, limit: int | None = None) -> list[Decision]: ...
 
 
 def model_health(pools: WorkerPools, model: str) -> ModelHealth:
@@ -94,8 +107,43 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+async def read_stats(
+    stats: ConsoleStats,
+    graph: GraphConfig,
+    node: str | None = None,
+    limit: int | None = None,
+    *,
+    show_decisions: bool = True,
+) -> ConsoleStatsResponse:
+    """The deployment's view when shared state is on and Redis answers, else this process's
+    own, and the answer says which."""
+    if stats.feed is None:
+        return stats_view(stats, graph, node, limit, show_decisions=show_decisions)
+    shared = await stats.feed.read(list(graph.nodes))
+    if shared is None:
+        return stats_view(
+            stats, graph, node, limit, shared_view="unreachable", show_decisions=show_decisions
+        )
+    return stats_view(
+        shared,
+        graph,
+        node,
+        limit,
+        scope="deployment",
+        shared_view="ok",
+        show_decisions=show_decisions,
+    )
+
+
 def stats_view(
-    stats: ConsoleStats, graph: GraphConfig, node: str | None = None, limit: int | None = None
+    stats: StatsSource,
+    graph: GraphConfig,
+    node: str | None = None,
+    limit: int | None = None,
+    *,
+    scope: StatsScope = "this replica",
+    shared_view: SharedView = "off",
+    show_decisions: bool = True,
 ) -> ConsoleStatsResponse:
     ids = [node] if node is not None else list(graph.nodes)
     rows = []
@@ -122,6 +170,13 @@ def stats_view(
             latency_ms=round(d.seconds * 1000, 3),
             reformatted_query=d.reformatted_query,
         )
-        for d in stats.decisions(node, limit)
+        for d in (stats.decisions(node, limit) if show_decisions else [])
     ]
-    return ConsoleStatsResponse(window_s=stats.window_s, nodes=rows, decisions=decisions)
+    return ConsoleStatsResponse(
+        window_s=stats.window_s,
+        scope=scope,
+        shared_view=shared_view,
+        nodes=rows,
+        decisions=decisions,
+        decisions_hidden=not show_decisions,
+    )

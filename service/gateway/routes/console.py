@@ -7,11 +7,11 @@ from __future__ import annotations
 from importlib import resources
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from service.errors import NotFound
-from service.gateway.console.view import graph_view, stats_view
+from service.gateway.console.view import graph_view, read_stats
 from service.gateway.routes.deps import StateDep
 from service.protocol.console import ConsoleGraph, ConsoleStatsResponse
 from service.protocol.openai import ErrorResponse
@@ -71,6 +71,7 @@ async def graph(state: StateDep) -> ConsoleGraph:
 
 @router.get("/api/stats", responses=_errors)
 async def stats(
+    request: Request,
     state: StateDep,
     node: Annotated[
         str | None, Query(description="only this node and the decisions through it")
@@ -80,8 +81,13 @@ async def stats(
     ] = 200,
 ) -> ConsoleStatsResponse:
     """Per node: requests and errors in the last minute, p50/p99 latency; recent routing
-    decisions (newest first) with their route, per-hop scores and routing latency."""
+    decisions (newest first) with their route, per-hop scores and routing latency. With
+    shared state (OCTOGRAPH_REDIS_URL), every gateway replica's (`scope: deployment`), else
+    or when Redis cannot be read, the answering replica's. With API keys set, decisions are
+    listed to admin keys only (they carry every client's traffic)."""
     graph = state.runtime.graph  # one graph for the whole answer, even across a reload
     if node is not None and node not in graph.nodes:
         raise NotFound(f"the node '{node}' does not exist")
-    return stats_view(state.console, graph, node, limit)
+    # Set by the middleware once the key is known; absent means no, whatever the reason.
+    admin = bool(request.scope.get("state", {}).get("sees_every_client", False))
+    return await read_stats(state.console, graph, node, limit, show_decisions=admin)

@@ -413,8 +413,26 @@
 
   async function refreshStats() {
     state.stats = await apiJson("/console/api/stats");
+    showScope(state.stats);
     applyStats();
     renderDecisions();
+  }
+
+  // Whose traffic the counters and decisions are: every gateway replica's (shared state in
+  // Redis) or only the replica that answered this page (no Redis, or Redis unreachable).
+  function showScope(stats) {
+    const el = $("scope");
+    const unreachable = stats.shared_view === "unreachable";
+    el.hidden = false;
+    el.dataset.scope = stats.scope;
+    el.className = "pill " + (unreachable ? "pill-bad" : stats.scope === "deployment" ? "pill-ok" : "pill-wait");
+    el.textContent = stats.scope === "deployment" ? "all replicas"
+      : unreachable ? "this replica (shared view unreachable)" : "this replica";
+    el.title = stats.scope === "deployment"
+      ? "Counters and decisions of every gateway replica (shared in Redis)"
+      : unreachable
+        ? "Redis cannot be read: counters and decisions of the replica that answered only"
+        : "Counters and decisions of the gateway replica that answered (no shared state)";
   }
 
   function loop(fn, every) {
@@ -499,9 +517,11 @@
       body.appendChild(tr);
     }
     $("dec-empty").hidden = rows.length > 0;
-    $("dec-empty").textContent = state.filter
-      ? `No recent decision went through ${state.filter}.`
-      : "No routing decisions yet: send a prompt with auto.";
+    $("dec-empty").textContent = state.stats && state.stats.decisions_hidden
+      ? "Routing decisions carry every client's traffic: they are listed to admin keys only."
+      : state.filter
+        ? `No recent decision went through ${state.filter}.`
+        : "No routing decisions yet: send a prompt with auto.";
   }
 
   // --- playground -------------------------------------------------------------------------

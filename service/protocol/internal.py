@@ -143,6 +143,12 @@ class WorkerInfo(InternalModel):
     functional_tokens: dict[str, int] = Field(
         default_factory=dict, description="added tokens named <nexa_k> -> token id"
     )
+    max_num_seqs: int | None = Field(
+        None, description="sequences one engine step runs at once (None: no fixed batch)"
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, description="tokens one engine step schedules at most (prefill chunks + decodes)"
+    )
 
 
 class TopLogprobEvent(TypedDict):

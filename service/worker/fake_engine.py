@@ -44,6 +44,7 @@ class FakeEngine:
     max_model_len: int = 2048
     reply_words: int = 12
     token_delay_s: float = 0.0
+    max_num_seqs: int | None = None  # a batch to report (the fake has none unless told)
     # Test hooks: an event the stream waits on before its first token, and a record of calls.
     gate: asyncio.Event | None = None
     aborted: list[str] = field(default_factory=list)
@@ -78,6 +79,7 @@ class FakeEngine:
             capture=False,
             functional_tokens={f"<nexa_{i}>": 49_000 + i for i in range(64)}
             | {"<nexa_end>": 49_999},
+            max_num_seqs=self.max_num_seqs,
         )
 
     async def start(self) -> None:

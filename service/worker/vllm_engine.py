@@ -224,6 +224,7 @@ class VLLMEngine:
         self._longest_token = longest_token_chars(tok)
         eos = tok.eos_token_id
         eos_ids = sorted({int(eos)} if eos is not None else set())
+        scheduler = self._llm.vllm_config.scheduler_config
         self._info = WorkerInfo(
             model=self._served_name,
             model_dir=str(self._model_dir),
@@ -239,6 +240,9 @@ class VLLMEngine:
                 for name, tid in tok.get_added_vocab().items()
                 if name.startswith("<nexa_")
             },
+            # The batch the gateway sizes a request against (LocalRunner: at most half of it).
+            max_num_seqs=scheduler.max_num_seqs,
+            max_num_batched_tokens=scheduler.max_num_batched_tokens,
         )
         freeze_startup_heap()
         quiet_frontend_threads()

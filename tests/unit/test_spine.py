@@ -278,6 +278,27 @@ async def test_a_fan_out_over_the_request_cap_is_a_400(spine: Any) -> None:
     assert stack.engines["alpha"].requests == []  # nothing reached a worker
 
 
+async def test_a_request_takes_at_most_half_a_workers_batch(spine: Any) -> None:
+    """A fan-out that filled a worker's batch would queue every other client's request in the
+    engine for whole generations; at most half of it leaves room to join the next step."""
+    stack = await spine()
+    stack.engines["alpha"].max_num_seqs = 8
+    pool = stack.state.pools.workers["alpha"]
+    replica = pool.replicas[0]
+    replica.info = None  # the next probe reads the worker's info again, batch included
+    await settle(lambda: replica.info is not None)
+    assert replica.info.max_num_seqs == 8 and pool.request_sequence_cap() == 4
+    body = {"model": "general", "prompt": ["a", "b"], "n": 3, "max_tokens": 1}
+    r = await stack.post(body, "/v1/completions")  # 6 sequences > 4
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "n" and "at most 4 sequences" in error["message"], error
+    assert stack.engines["alpha"].requests == []  # refused before any worker call
+    r = await stack.post({**body, "n": 2}, "/v1/completions")  # 4: served
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 4
+
+
 async def test_admission_weighs_a_request_by_its_cost(spine: Any) -> None:
     stack = await spine(max_inflight_per_node=8)
     gate = asyncio.Event()

@@ -95,6 +95,15 @@ class ModelPool(Generic[C]):
     def info(self) -> WorkerInfo | None:
         return next((r.info for r in self.replicas if r.info is not None), None)
 
+    def request_sequence_cap(self) -> int | None:
+        """The most sequences one request may run on this model: half the smallest known
+        replica batch (`max_num_seqs`). A request that filled a replica's batch would make
+        every other client's request wait in the engine's queue for whole generations; with
+        half the batch free, another request joins at the engine's next step. None while no
+        replica has reported a batch (not yet probed, or a worker without one)."""
+        batches = [r.info.max_num_seqs for r in self.replicas if r.info and r.info.max_num_seqs]
+        return max(1, min(batches) // 2) if batches else None
+
 
 # A busy machine can miss one probe; a replica is marked down by probes only after a run of
 # failures (a failed request marks it down at once: that is proof, a slow probe is not).

@@ -60,6 +60,14 @@ class LocalRunner:
                     param="tool_choice",
                 )
         pool = self.pools.workers[target.model]
+        cap = pool.request_sequence_cap()
+        if cap is not None and plan.cost > cap:
+            raise BadRequest(
+                f"node '{target.node_id}' runs at most {cap} sequences per request (prompts x "
+                f"n), half of a worker's batch so that other requests start at once; this "
+                f"request asks for {plan.cost}: lower n or send fewer prompts per request",
+                param="n",
+            )
         requests = plan.generate_requests(target.node, tool_parser=parser)
         if len(requests) == 1:  # the common case: no task per request
             first, stream = await self._open(pool, requests[0], plan, scope, target)

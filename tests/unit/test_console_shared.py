@@ -279,8 +279,13 @@ async def test_a_dead_redis_drops_and_counts_the_batch() -> None:
     assert not await feed.flush()
     assert metrics.console_feed_dropped._value.get() == 3
     assert metrics.shared_state_errors.labels("console_publish")._value.get() == 1
-    assert await feed.read(["root"]) is None
+    assert await feed.read(["root"]) is None  # nothing pending: the read itself fails
     assert metrics.shared_state_errors.labels("console_read")._value.get() == 1
+    stats.record_decision(decision(2))
+    assert await feed.read(["root"]) is None  # its flush fails first: no second wait
+    assert metrics.shared_state_errors.labels("console_publish")._value.get() == 2
+    assert metrics.shared_state_errors.labels("console_read")._value.get() == 2
+    assert metrics.console_feed_dropped._value.get() == 6
     await feed.redis.aclose()
 
 

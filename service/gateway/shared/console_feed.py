@@ -255,11 +255,22 @@ class ConsoleFeed:
 
     # -- reading -------------------------------------------------------------------------------
 
+    def _read_failed(self, why: str) -> None:
+        """Every console read Redis could not serve counts once (the page then shows this
+        replica's view); the log says so when that starts, not at every poll."""
+        self.metrics.shared_state_errors.labels(READ_OPERATION).inc()
+        if self._reading:
+            log.warning("console: Redis unreachable, showing this replica (%s)", why)
+        self._reading = False
+
     async def read(self, nodes: Sequence[str]) -> DeploymentView | None:
         """The merged view of every replica for `nodes`; None when Redis cannot be read (the
         caller shows this process's own view and says so). What this process recorded since its
         last flush goes first, so a prompt just sent from this page shows up at once."""
-        await self.flush()
+        if not await self.flush():
+            # Redis just failed us: answer from this process rather than wait as long again.
+            self._read_failed("the flush before it failed")
+            return None
         now = self._wall()
         second = int(now)
         seconds = [second - i for i in range(math.ceil(self.window_s))]
@@ -274,10 +285,7 @@ class ConsoleFeed:
             async with asyncio.timeout(self.deadline_s):
                 replies: list[Any] = await pipe.execute()
         except REDIS_FAILURES as exc:
-            self.metrics.shared_state_errors.labels(READ_OPERATION).inc()
-            if self._reading:
-                log.warning("console: Redis unreachable, showing this replica (%s)", _why(exc))
-            self._reading = False
+            self._read_failed(_why(exc))
             return None
         self._reading = True
         entries, totals, *rest = replies

@@ -299,6 +299,8 @@ class GraphReloader:
         # New replicas are probed before they take requests (a new pool starts "down").
         await runtime.pools.probe_once(only=new_pools)
         self.runtimes.swap(runtime)
+        # The console's series follow the graph: new ids start, removed ones are dropped.
+        self.services.console.track([*graph.nodes, *graph.models])
         self._set_served(sha256)
         self.metrics.graph_generation.set(runtime.generation)
         self.metrics.graph_loaded_at.set(runtime.loaded_at)

@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -40,7 +41,7 @@ from service.gateway.runners.base import NodeRunner
 from service.gateway.runners.ensemble import EnsembleRunner
 from service.gateway.runners.local import LocalRunner
 from service.gateway.runners.remote import RemoteRunner
-from service.graph.schema import GraphConfig, RouterNode
+from service.graph.schema import GraphConfig, GraphError, RouterNode
 from service.observability.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,17 @@ def build_runtime(
     previous: GraphRuntime | None = None,
 ) -> GraphRuntime:
     """The runtime of `graph`. With `previous` (a reload), its pools and ensemble assets are
-    reused where the graph did not change them. Raises GraphError for what the graph file
-    alone cannot tell (an upstream's API key that is not set), before building anything."""
+    reused where the graph did not change them. Raises GraphError for what the schema alone
+    cannot tell (an upstream's API key that is not set, a worker URL that is not one), before
+    anything is built: a refused graph leaves nothing open."""
     settings, metrics = services.settings, services.metrics
     keys = {name: api_key(name, spec) for name, spec in graph.openai_models().items()}
     urls = worker_urls(graph, services.url_overrides)
+    for name, us in urls.items():
+        for url in us:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise GraphError(f"model '{name}': worker URL '{url}' is not an http(s) URL")
     keep_workers: dict[str, ModelPool[WorkerClient]] = {}
     keep_upstreams: dict[str, ModelPool[UpstreamClient]] = {}
     if previous is not None:
@@ -162,9 +169,8 @@ def build_runtime(
         RemoteRunner(graph, pools, metrics),
         LocalRunner(pools, metrics, idle, tool_parsers=graph.tool_parsers()),
     )
-    # Series only for the graph's ids: the recorder's memory is bounded by the graph.
+    # Label values only for the graph's ids (the console follows at the swap: graph_reload.py).
     ids = [*graph.nodes, *graph.models]
-    services.console.track(ids)
     observers = Observers(
         metrics, services.console, frozenset(ids), spend=services.admission.spend_tokens
     )

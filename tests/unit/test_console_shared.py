@@ -386,3 +386,25 @@ def test_admin_keys_alone_make_the_gateway_keyed() -> None:
     check_exposure(GatewaySettings(host="0.0.0.0", admin_keys=["ops-key"]))
     with pytest.raises(ExposureError):
         check_exposure(GatewaySettings(host="0.0.0.0"))
+
+
+async def test_the_flush_loop_outlives_an_unexpected_error() -> None:
+    feed = ConsoleFeed(Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"), _metrics())
+    feed.flush_interval_s = 0.01
+    calls: list[int] = []
+
+    async def flaky_flush() -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+        return True
+
+    feed.flush = flaky_flush  # type: ignore[method-assign]
+    feed.start()
+    for _ in range(500):
+        if len(calls) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    await feed.close()
+    assert len(calls) >= 3  # the loop went on after the error
+    await feed.redis.aclose()

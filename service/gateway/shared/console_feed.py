@@ -201,7 +201,10 @@ class ConsoleFeed:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.flush_interval_s)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a bug must not end publishing for the process's lifetime
+                log.exception("console feed: flush failed")
 
     async def flush(self) -> bool:
         """Send what accumulated in one pipeline; False (and the batch dropped) on failure."""

@@ -25,10 +25,15 @@ def _gateway(args: argparse.Namespace) -> int:
     from service.config import GatewaySettings
     from service.gateway.app import build_gateway_app
     from service.gateway.auth import check_exposure
+    from service.gateway.processes import check_processes, die_with_parent
     from service.graph.schema import load_graph
     from service.observability.logging import setup_logging
     from service.serving import Lifecycle, serve
 
+    # One of several processes started by `--processes N` (service/gateway/processes.py).
+    supervised = args.supervised_by is not None
+    if supervised:
+        die_with_parent(args.supervised_by)
     overrides: dict[str, Any] = {
         k: v
         for k, v in {
@@ -36,13 +41,19 @@ def _gateway(args: argparse.Namespace) -> int:
             "host": args.host,
             "port": args.port,
             "metrics_port": args.metrics_port,
+            "processes": args.processes,
         }.items()
         if v is not None
     }
     settings = GatewaySettings(**overrides)
     check_exposure(settings)
+    check_processes(settings)
     setup_logging(settings.log_level, settings.log_json)
-    graph = load_graph(settings.config)
+    graph = load_graph(settings.config)  # in the parent too: a bad graph stops it at once
+    if settings.processes > 1 and not supervised:
+        from service.gateway.processes import run_gateway_processes
+
+        return run_gateway_processes(settings)
     lifecycle = Lifecycle()
     app = build_gateway_app(
         settings,
@@ -51,11 +62,18 @@ def _gateway(args: argparse.Namespace) -> int:
         graph_file=settings.config,  # watched: a new graph is swapped in without a restart
         reload_on_sighup=True,
     )
-    if settings.metrics_port:
+    if settings.metrics_port and not supervised:  # the parent serves it for its children
         from service.observability.metrics_server import start_metrics_server
 
         start_metrics_server(app, settings.host, settings.metrics_port)
-    serve(app, settings.host, settings.port, lifecycle, settings.shutdown_grace_s)
+    serve(
+        app,
+        settings.host,
+        settings.port,
+        lifecycle,
+        settings.shutdown_grace_s,
+        reuse_port=supervised,
+    )
     return 0
 
 
@@ -255,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host")
     gw.add_argument("--port", type=int)
     gw.add_argument("--metrics-port", type=int)
+    gw.add_argument(
+        "--processes",
+        type=int,
+        help="gateway processes sharing --port (SO_REUSEPORT) under one supervising parent",
+    )
+    # Set by that parent on each child it starts; not for people.
+    gw.add_argument("--supervised-by", type=int, metavar="PID", help=argparse.SUPPRESS)
     gw.set_defaults(func=_gateway)
 
     wk = sub.add_parser("worker", help="serve one model")

@@ -32,6 +32,11 @@ class GatewaySettings(BaseSettings):
     metrics_port: int | None = Field(
         None, description="serve /metrics on this separate port instead of behind auth"
     )
+    processes: PositiveInt = Field(
+        1,
+        description="gateway processes on host:port (SO_REUSEPORT), under one parent that "
+        "restarts them; above 1, per-key limits need redis_url (service/gateway/processes.py)",
+    )
 
     # Admission, in sequences (a request's prompts x n): refuse instead of queueing.
     max_inflight: PositiveInt = 256

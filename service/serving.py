@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from types import FrameType
@@ -73,7 +74,33 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(app: Any, host: str, port: int, lifecycle: Lifecycle, grace_s: float, **kw: Any) -> None:
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port with SO_REUSEPORT, as each of several gateway processes
+    binds it (`--processes N`): the kernel spreads new connections across their sockets, and a
+    socket closed by a dead process leaves the group at once. Not listening yet: uvicorn calls
+    listen() with its backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn decides
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(
+    app: Any,
+    host: str,
+    port: int,
+    lifecycle: Lifecycle,
+    grace_s: float,
+    *,
+    reuse_port: bool = False,
+    **kw: Any,
+) -> None:
     config = uvicorn.Config(
         app,
         host=host,
@@ -92,4 +119,10 @@ def serve(app: Any, host: str, port: int, lifecycle: Lifecycle, grace_s: float, 
     # the signal.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    DrainingServer(config, lifecycle, grace_s).run()
+    # Other signals (SIGHUP...) are left to whoever installed them.
+    sockets = [reuse_port_socket(host, port)] if reuse_port else None
+    try:
+        DrainingServer(config, lifecycle, grace_s).run(sockets=sockets)
+    finally:
+        for sock in sockets or ():
+            sock.close()  # uvicorn closes them on a clean shutdown; not if start-up failed

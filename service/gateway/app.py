@@ -43,6 +43,7 @@ from service.graph.schema import GraphConfig
 from service.http_errors import install_error_handlers
 from service.internal_auth import is_loopback_host, read_secret_file
 from service.observability.metrics import GatewayMetrics
+from service.observability.multiprocess import exposition_registry
 from service.protocol.openai import ChatCompletionRequest, CompletionRequest, ErrorResponse
 from service.serving import Lifecycle
 
@@ -144,8 +145,11 @@ def build_gateway_app(
             graph_file, runtimes, services, interval_s=settings.graph_reload_interval_s
         )
         reloader.baseline()
+    # /metrics (here and on --metrics-port): this process's registry, or with --processes N
+    # every gateway process's metrics as one view.
+    shown = exposition_registry(registry)
     state = GatewayState(
-        settings, runtimes, admission, lifecycle, registry, metrics, console, reloader
+        settings, runtimes, admission, lifecycle, shown, metrics, console, reloader
     )
 
     @asynccontextmanager

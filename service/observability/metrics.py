@@ -21,8 +21,13 @@ class WorkerMetrics:
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        # multiprocess_mode: how /metrics combines the gauge across gateway processes
+        # (`--processes N`, service/observability/multiprocess.py); ignored with one process.
         self.inflight = Gauge(
-            "octograph_gateway_inflight_requests", "Requests being served", registry=registry
+            "octograph_gateway_inflight_requests",
+            "Requests being served",
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.requests = Counter(
             "octograph_requests",
@@ -76,12 +81,14 @@ class GatewayMetrics:
             "1 if the replica passed its last health probe",
             ["model", "replica"],
             registry=registry,
+            multiprocess_mode="livemostrecent",  # every process probes: the latest probe says
         )
         self.ensemble_bytes_per_s = Gauge(
             "octograph_ensemble_bytes_per_second",
             "Byte rate of the last ensemble request",
             ["node"],
             registry=registry,
+            multiprocess_mode="livemostrecent",
         )
         self.retries = Counter(
             "octograph_retries",

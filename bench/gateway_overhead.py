@@ -743,6 +743,180 @@ def summarize_profile(raw: Path, top: int = 25) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------
+# --processes: gateways of N processes side by side (SO_REUSEPORT, issue 22 item 4)
+# --------------------------------------------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its children (a `--processes N` gateway: the parent and its N processes)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(c) for c in f.read().split())]
+    except OSError:
+        return [pid]
+
+
+def tree_cpu_ns(pid: int) -> dict[int, int]:
+    return {p: cpu_ns(p) for p in process_tree(pid)}
+
+
+def bench_processes(args: argparse.Namespace) -> int:
+    """One fake worker; one gateway per process count in `--processes` (all running at once,
+    each on its own port); nothing pinned, so N processes can use every core. Each round
+    measures every gateway at every concurrency, back to back, the order alternating between
+    rounds. Non-streaming chat requests of --short-tokens tokens."""
+    counts = args.processes
+    levels = [c for c in args.concurrency if c > 1]  # one client keeps one process busy at most
+    meta = {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "pinning": "none: the gateways, the worker and the load generator share every core",
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "python": sys.version.split()[0],
+    }
+    print(f"load average now: {meta['load_before']}; process counts {counts}, "
+          f"concurrency {levels}", flush=True)  # fmt: skip
+    py = sys.executable
+    env = {"OCTOGRAPH_LOG_LEVEL": "WARNING", "OCTOGRAPH_MAX_INFLIGHT": "4096",
+           "OCTOGRAPH_MAX_INFLIGHT_PER_NODE": "4096", "OCTOGRAPH_WORKER_LOG_LEVEL": "WARNING",
+           "OCTOGRAPH_WORKER_MAX_INFLIGHT": "4096"}  # fmt: skip
+    procs: list[subprocess.Popen] = []
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="octo-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        worker_port = free_port()
+        graph = tmp / "graph.yaml"
+        graph.write_text(
+            "models:\n"
+            f"  fake: {{urls: ['http://127.0.0.1:{worker_port}'], max_model_len: 4096}}\n"
+            "nodes:\n"
+            "  general: {kind: model, model: fake}\n"
+        )
+        try:
+            worker = spawn([py, "-m", "service.cli", "worker", "--fake", "--model", "fake",
+                            "--port", str(worker_port)], tmp / "worker.log", None, env)  # fmt: skip
+            procs.append(worker)
+            gateways: dict[int, tuple[subprocess.Popen, int]] = {}
+            for n in counts:
+                port = free_port()
+                cmd = [py, "-m", "service.cli", "gateway", "--config", str(graph),
+                       "--port", str(port), "--processes", str(n)]  # fmt: skip
+                gateways[n] = (spawn(cmd, tmp / f"gateway-{n}.log", None, env), port)
+                procs.append(gateways[n][0])
+            wait_ready(f"http://127.0.0.1:{worker_port}/readyz", worker)
+            for n, (proc, port) in gateways.items():
+                wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+                # /readyz answers once one process listens; wait for the others to start.
+                while n > 1 and len(process_tree(proc.pid)) < 1 + n:
+                    time.sleep(0.1)
+            time.sleep(3)  # every process of every gateway has bound its socket
+
+            def measure(n: int, c: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+                proc, port = gateways[n]
+                spec = {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "request": http_request(port, "/v1/chat/completions",
+                                            gateway_body(args.short_tokens, False)).decode(
+                        "latin-1"),
+                    "marker": '"choices"',
+                    "chunk_marker": '"choices"',
+                    "concurrency": c,
+                    "warmup_s": warmup_s,
+                    "duration_s": duration_s,
+                }  # fmt: skip
+                before, worker_before = tree_cpu_ns(proc.pid), cpu_ns(worker.pid)
+                res = run_loadgen(spec, None)
+                after, worker_after = tree_cpu_ns(proc.pid), cpu_ns(worker.pid)
+                res["gateway_cpu_ns"] = {p: after[p] - before.get(p, 0) for p in after}
+                res["worker_cpu_ns"] = worker_after - worker_before
+                return res
+
+            for n in counts:  # warm every gateway process
+                warm = measure(n, max(levels), 0.5, 0.5)
+                print(f"warm-up {n} process(es): {warm['n']} requests, errors {warm['errors']}",
+                      flush=True)  # fmt: skip
+            for rnd in range(args.rounds):
+                order = counts if rnd % 2 == 0 else list(reversed(counts))
+                for c in levels:
+                    for n in order:
+                        res = measure(n, c, args.duration, args.warmup)
+                        runs.setdefault(f"c={c}", {}).setdefault(n, []).append(res)
+                        print(f"round {rnd + 1}/{args.rounds} c={c:<4d} processes={n} "
+                              f"n={res['n']:6d} {res['n'] / res['window_s']:6.0f} req/s "
+                              f"p99={pct(res['lat_us'], 99):7.2f} ms load={res['load1']:.2f}",
+                              flush=True)  # fmt: skip
+        finally:
+            for proc in procs:  # gateways drain their processes; then the worker
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(40)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    rows = [summarize_processes(level, by_count) for level, by_count in runs.items()]
+    print_processes(rows, counts, meta)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / (args.output or "gateway_processes.json")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out.relative_to(REPO)}")
+    return 0
+
+
+def summarize_processes(level: str, by_count: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"scenario": f"non-stream {level}"}
+    for n, rs in by_count.items():
+        lat = [v for r in rs for v in r["lat_us"]]
+        total = max(1, sum(r["n_all"] for r in rs))
+        per_process = [sorted(r["gateway_cpu_ns"].values(), reverse=True) for r in rs]
+        gateway_ns = sum(sum(r["gateway_cpu_ns"].values()) for r in rs)
+        row[str(n)] = {
+            "rps": sum(r["n"] for r in rs) / sum(r["window_s"] for r in rs),
+            "per_round_rps": [r["n"] / r["window_s"] for r in rs],
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "errors": {k: sum(r["errors"].get(k, 0) for r in rs) for r in rs for k in r["errors"]},
+            # CPU time of the gateway's processes (parent included) and of the worker, per
+            # request (every request of the run, warm-up included).
+            "gateway_cpu_us_per_req": gateway_ns / total / 1000,
+            "worker_cpu_us_per_req": sum(r["worker_cpu_ns"] for r in rs) / total / 1000,
+            # How the kernel spread the load: each process's share of the gateway's CPU.
+            "cpu_share_per_process": [
+                round(sum(col) / max(1, gateway_ns), 3) for col in zip(*per_process, strict=False)
+            ],
+            "load1": [r["load1"] for r in rs],
+        }
+    return row
+
+
+def print_processes(rows: list[dict[str, Any]], counts: list[int], meta: dict[str, Any]) -> None:
+    print()
+    print(f"machine: {meta['cpus']} CPUs ({meta['cpu_model']}), load avg before/after "
+          f"{meta['load_before']} / {meta['load_after']}; pinning: {meta['pinning']}")  # fmt: skip
+    names = " / ".join(f"N={n}" for n in counts)
+    hdr = (f"{'scenario':18s} {'req/s ' + names:>22s} {'ratio':>6s} "
+           f"{'p50/p99 ms ' + names:>30s} {'gw CPU us/req ' + names:>28s} "
+           f"{'worker us/req':>14s}  CPU share per process (N={counts[-1]})")  # fmt: skip
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        cols = [r[str(n)] for n in counts]
+        rps = " / ".join(f"{c['rps']:.0f}" for c in cols)
+        lat = " / ".join(f"{c['p50_ms']:.2f}/{c['p99_ms']:.2f}" for c in cols)
+        cpu = " / ".join(f"{c['gateway_cpu_us_per_req']:.0f}" for c in cols)
+        ratio = cols[-1]["rps"] / cols[0]["rps"] if cols[0]["rps"] else float("nan")
+        errs = [c["errors"] for c in cols if c["errors"]]
+        print(f"{r['scenario']:18s} {rps:>22s} {ratio:6.2f} {lat:>30s} {cpu:>28s} "
+              f"{cols[-1]['worker_cpu_us_per_req']:14.0f}  {cols[-1]['cpu_share_per_process']}"
+              f"{'  errors ' + str(errs) if errs else ''}")  # fmt: skip
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--loadgen":
         print(json.dumps(_loadgen_main(json.loads(sys.argv[2]))))
@@ -766,11 +940,17 @@ def main() -> int:
     p.add_argument("--nice", type=int, default=0,
                    help="run the gateway, worker and load generator at this nice value (e.g. "
                    "-10, root): on a shared machine other work then yields to them")  # fmt: skip
+    p.add_argument("--processes", type=int, nargs="+", metavar="N",
+                   help="compare gateways of these process counts (e.g. 1 2: `octograph gateway "
+                   "--processes N`, unpinned) instead of direct vs gateway; non-streaming, "
+                   "concurrency from --concurrency above 1")  # fmt: skip
     args = p.parse_args()
     global NICE
     NICE = args.nice
     if args.quick:
         args.rounds, args.duration = 1, 1.0
+    if args.processes:
+        return bench_processes(args)
     return bench(args)
 
 

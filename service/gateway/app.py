@@ -49,6 +49,7 @@ from service.serving import Lifecycle
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class GatewayState:
     settings: GatewaySettings
@@ -125,7 +126,7 @@ def build_gateway_app(
         rate_limit_tpm=settings.rate_limit_tpm,
     )
     # Series only for the graph's ids: the recorder's memory is bounded by the graph (a reload
-    # re-tracks them: graph_runtime.build_runtime).
+    # re-tracks them when it swaps the graph in: graph_reload.py).
     ids = [*graph.nodes, *graph.models]
     # With Redis, the console also publishes to (and reads) the whole deployment's view.
     feed = ConsoleFeed(redis, metrics, timeout_s=settings.redis_timeout_s) if redis else None

@@ -258,7 +258,10 @@ class GraphReloader:
                 return None
             if not forced:
                 await asyncio.sleep(SETTLE_S)
-                again = await asyncio.to_thread(self.path.read_bytes)
+                try:
+                    again = await asyncio.to_thread(self.path.read_bytes)
+                except OSError:
+                    return None  # replaced meanwhile: the next check reads what is there
                 if digest(again) != sha256:
                     return None  # still being written: the next check sees it whole
             self._seen = sha256

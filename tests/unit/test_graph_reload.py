@@ -227,9 +227,19 @@ async def test_an_invalid_file_changes_nothing_and_is_counted_once(reload_stack:
         assert stack.state.runtime is first
         assert await stack.prompt_word() == "one"
         assert await stack.state.reloader.check() is None  # the same content: not again
-    assert stack.sample("octograph_graph_reloads_total", result="invalid") == 2
+    stack.path.unlink()  # a file that cannot be read is refused the same way
+    result = await stack.state.reloader.check()
+    assert result is not None and result.result == "invalid"
+    assert "cannot read graph file" in (result.error or "")
+    assert await stack.state.reloader.check() is None
+    assert await stack.prompt_word() == "one"
+    assert stack.sample("octograph_graph_reloads_total", result="invalid") == 3
     assert stack.sample("octograph_graph_generation") == 1
     assert _info_labels(stack) == {served_sha}  # the hash of what is served, not of the file
+    stack.write(stack.graph_text(PROMPTS["one"]))  # back as it was: nothing to swap
+    result = await stack.state.reloader.check()
+    assert result is not None and result.result == "unchanged"
+    assert stack.state.runtime is first
 
 
 async def test_what_the_app_checks_at_start_refuses_a_reload_too(

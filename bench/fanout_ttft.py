@@ -92,14 +92,6 @@ class FanOut:
     def started(self) -> int:
         return len(self.token_times)
 
-    def steps_between(self, sent: float, first: float, step: float) -> int:
-        """Engine steps that ended while the probe waited: each step emits one token of every
-        running sequence, so the tokens of the fan-out's first sequence mark step ends. The
-        step that delivers the probe's own token ends with it (within a quarter step) and is
-        not counted: 1 = the probe waited for the step running when it arrived, then joined."""
-        ref = self.token_times.get((0, 0), [])
-        return sum(1 for t in ref if sent < t < first - step / 4)
-
     def step_s(self, since: float, until: float) -> float | None:
         """Median gap between two tokens of one sequence within [since, until]."""
         gaps = [
@@ -160,14 +152,13 @@ async def measure(wurl: str, gurl: str, batch: int, args: argparse.Namespace) ->
                 await asyncio.sleep(0.1)
             step = fan.step_s(t0, time.monotonic())
             await fan.stop()
-            waited = [fan.steps_between(a, b, step) for a, b in probes] if step else []
-            row = _row(total, [_ttft(p) for p in probes], alone, step, ok, waited)
+            row = _row(total, [_ttft(p) for p in probes], alone, step, ok)
             out["decoding"].append(row)
             print(_line("decoding", row), flush=True)
             await asyncio.sleep(1.0)  # the engine drains the aborted sequences
         out["prefill"] = []
         for total in args.fan_out:
-            ttfts, steps, waited = [], [], []
+            ttfts, steps = [], []
             for _ in range(max(1, args.probes // 2)):
                 fan = FanOut(gen, total, [{"role": "user", "content": LONG}], 8)
                 fan.start(client)
@@ -180,11 +171,10 @@ async def measure(wurl: str, gurl: str, batch: int, args: argparse.Namespace) ->
                 step = fan.step_s(t0, time.monotonic())
                 if step is not None:
                     steps.append(step)
-                    waited.append(fan.steps_between(sent, first, step))
                 await fan.stop()
                 await asyncio.sleep(0.5)
             step_p50 = statistics.median(steps) if steps else None
-            row = _row(total, ttfts, alone, step_p50, True, waited)
+            row = _row(total, ttfts, alone, step_p50, True)
             out["prefill"].append(row)
             print(_line("prefill", row), flush=True)
         # The gateway's side: a request over the cap is refused, one at it is served.
@@ -212,12 +202,9 @@ def _row(
     alone: list[float],
     step: float | None,
     ok: bool,
-    waited: list[int],
 ) -> dict[str, Any]:
     p50, base = statistics.median(ttfts), statistics.median(alone)
     return {
-        "steps_waited": waited,
-        "steps_waited_max": max(waited) if waited else None,
         "fan_out": total,
         "ttft_s": ttfts,
         "ttft_p50_s": p50,
@@ -236,7 +223,7 @@ def _line(kind: str, row: dict[str, Any]) -> str:
         f"/ {row['excess_steps_max']:.1f} max"
     )  # fmt: skip
     return (
-        f"{kind:>8} fan-out {row['fan_out']:>3}: probe waited {row['steps_waited']} steps; "
+        f"{kind:>8} fan-out {row['fan_out']:>3}: probe "
         f"TTFT p50 {row['ttft_p50_s'] * 1e3:7.1f} ms max {row['ttft_max_s'] * 1e3:7.1f} ms  {steps}"
     )
 

@@ -488,6 +488,17 @@ class StartWatch:
         return ", ".join(parts)
 
 
+# How a worker's /readyz says its engine could not start (service/worker/app.py).
+START_FAILED = "engine failed to start"
+
+
+def _start_failed(readyz: httpx.Response) -> bool:
+    try:
+        return str(readyz.json().get("status", "")).startswith(START_FAILED)
+    except (ValueError, AttributeError):
+        return False
+
+
 def wait_ready(workers: list[WorkerProcess], timeout_s: float = READY_TIMEOUT_S) -> None:
     t0 = time.monotonic()
     pending = {w.name: w for w in workers}
@@ -503,7 +514,13 @@ def wait_ready(workers: list[WorkerProcess], timeout_s: float = READY_TIMEOUT_S)
                     raise RuntimeError(f"worker '{name}' exited ({w.proc.returncode}):\n{tail}")
                 watches[name].poll(now)
                 with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{w.url}/readyz").status_code == 200:
+                    ready = client.get(f"{w.url}/readyz")
+                    if ready.status_code != 200 and _start_failed(ready):
+                        # The worker lives on (NotReady, for Kubernetes to see) but will not
+                        # become ready by waiting: say so now, with its log, not after 900 s.
+                        tail = w.log_path.read_text(errors="replace")[-3000:]
+                        raise RuntimeError(f"worker '{name}': {ready.text}:\n{tail}")
+                    if ready.status_code == 200:
                         del pending[name]
                         ready_at = time.monotonic() - w.started_at
                         if sys.stderr.isatty():

@@ -195,11 +195,16 @@ class RequestPlan:
             answering.sampling if answering else SamplingDefaults(), byte_level=byte_level
         )
         system = answering.system_prompt if answering else None
+        priority = self.priority
         out = []
         for i, prompt in enumerate(self.prompts):
             rid = self.ctx.engine_id if len(self.prompts) == 1 else f"{self.ctx.engine_id}-{i}"
             if isinstance(prompt, str):
-                out.append(GenerateRequest(request_id=rid, prompt=prompt, sampling=sampling))
+                out.append(
+                    GenerateRequest(
+                        request_id=rid, prompt=prompt, sampling=sampling, priority=priority
+                    )
+                )
             elif self.kind == "chat":
                 turns = _with_system(cast(list[ChatTurn], prompt), system)
                 out.append(
@@ -209,12 +214,25 @@ class RequestPlan:
                         tools=self.constraints.tools,
                         tool_parser=tool_parser,
                         sampling=sampling,
+                        priority=priority,
                     )
                 )
             else:
                 ids = cast(list[int], prompt)
-                out.append(GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling))
+                out.append(
+                    GenerateRequest(
+                        request_id=rid, prompt_token_ids=ids, sampling=sampling, priority=priority
+                    )
+                )
         return out
+
+    @property
+    def priority(self) -> int:
+        """The engine's queue place (vLLM's priority scheduling: lower first, then arrival):
+        0 for one sequence, one later per doubling of the cost. A fan-out's sequences that
+        wait for the engine's batch or prefill budget then wait behind a smaller request
+        that arrived after them, so its first token comes at the next step."""
+        return self.cost.bit_length() - 1
 
     def upstream_body(
         self, upstream_model: str, node: Node | None, passthrough: frozenset[str]

@@ -62,6 +62,13 @@ class GenerateRequest(InternalModel):
         None, description="tool_choice auto: vLLM's parser for the model's tool-call format"
     )
     sampling: SamplingOptions = Field(default_factory=SamplingOptions)
+    priority: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="the engine's queue order: lower first (the gateway gives a request of "
+        "more sequences a later place, RequestPlan.priority)",
+    )
 
 
 class ScoreQuery(InternalModel):

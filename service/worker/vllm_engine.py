@@ -152,6 +152,9 @@ class VLLMEngine:
             served_model_name=[self._served_name],
             max_model_len=self._settings.max_model_len,
             max_num_seqs=self._settings.max_num_seqs,
+            # Waiting requests in order of GenerateRequest.priority (then arrival), not arrival
+            # alone: a one-sequence request is not queued behind a fan-out's waiting sequences.
+            scheduling_policy="priority",
             dtype=self._settings.dtype,  # type: ignore[arg-type]
             max_logprobs=20,
             enable_prefix_caching=True,
@@ -346,7 +349,10 @@ class VLLMEngine:
         counts: dict[int, int] = {}
         try:
             first = True
-            async for out in _translated(llm.generate(prompt, params, request_id)):
+            generation = llm.generate(
+                prompt, params, request_id, priority=prepared.request.priority
+            )
+            async for out in _translated(generation):
                 if first:
                     first = False
                     if prepared.request.sampling.prompt_logprobs is not None:

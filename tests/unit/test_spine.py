@@ -299,6 +299,16 @@ async def test_a_request_takes_at_most_half_a_workers_batch(spine: Any) -> None:
     assert len(r.json()["choices"]) == 4
 
 
+async def test_a_larger_fan_out_gets_a_later_place_in_the_engines_queue(spine: Any) -> None:
+    stack = await spine()
+    for prompts, n in ((["a"], 1), (["a", "b"], 1), (["a", "b"], 4), (["a"] * 16, 4)):
+        body = {"model": "general", "prompt": prompts, "n": n, "max_tokens": 1}
+        r = await stack.post(body, "/v1/completions")
+        assert r.status_code == 200, r.text
+    places = [r.priority for r in stack.engines["alpha"].requests]
+    assert places == [0] + [1] * 2 + [3] * 2 + [6] * 16, places
+
+
 async def test_admission_weighs_a_request_by_its_cost(spine: Any) -> None:
     stack = await spine(max_inflight_per_node=8)
     gate = asyncio.Event()

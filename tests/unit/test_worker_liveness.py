@@ -6,9 +6,15 @@ drains and exits non-zero with it). An engine still loading or failing to start 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import httpx
+import pytest
 
+from service.embedded import WorkerProcess, wait_ready
 from service.serving import Lifecycle
 from service.worker.app import ENGINE_DEAD, build_worker_app
 from service.worker.fake_engine import FakeEngine
@@ -83,4 +89,31 @@ async def test_loading_and_failed_start_are_not_dead() -> None:
             assert r.status_code == 503 and "failed to start" in r.json()["status"]
             assert deaths == []
     finally:
+        await served.stop()
+
+
+async def test_octograph_up_stops_waiting_for_a_worker_whose_engine_failed_to_start(
+    tmp_path: Path,
+) -> None:
+    """`octograph up` used to wait its whole start timeout (900 s) on such a worker."""
+
+    class Broken(FakeEngine):
+        async def start(self) -> None:
+            raise RuntimeError("no weights")
+
+    served = await serve_app(build_worker_app(Broken(name="a"), Lifecycle()))
+    log = tmp_path / "worker-a.log"
+    log.write_text("engine failed to start: the worker's own words\n")
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    port = int(served.url.rsplit(":", 1)[1])
+    try:
+        worker = WorkerProcess("a", port, stand_in, log)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="engine failed to start") as failed:
+            await asyncio.to_thread(wait_ready, [worker], 120)
+        assert "the worker's own words" in str(failed.value)  # its log comes with it
+        assert time.monotonic() - started < 60, "waited as if the worker could still start"
+    finally:
+        stand_in.kill()
+        stand_in.wait()
         await served.stop()

@@ -22,7 +22,7 @@ class GatewaySettings(BaseSettings):
 
     config: Path = Field(Path("configs/local.yaml"), description="graph YAML file")
     graph_reload_interval_s: float = Field(
-        1.0,
+        0.5,  # a change is served within a second: one interval + 50 ms to see it settled
         ge=0.0,
         description="how often the graph file is checked for a new content (SHA-256 of its "
         "bytes) to reload without a restart; 0 = never (SIGHUP still reloads)",

@@ -1,6 +1,6 @@
 """Graph reload without a restart: watch the graph file, validate a new graph, swap it in.
 
-The watcher reads the file every `OCTOGRAPH_GRAPH_RELOAD_INTERVAL_S` (1 s; 0 = no polling) and
+The watcher reads the file every `OCTOGRAPH_GRAPH_RELOAD_INTERVAL_S` (0.5 s; 0 = no polling) and
 compares the SHA-256 of its bytes with the last content it looked at. Reading through the path
 follows symlinks, so a Kubernetes ConfigMap update (a new directory, then the `..data` symlink
 swapped atomically) is seen like any rewrite; polling is used because inotify misses exactly that

@@ -166,18 +166,23 @@ class GatewayProcesses:
         while not self.stop_signals:
             now = self.clock()
             for child in self.children:
-                if self._check(child, now) == REFUSED_EXIT:
+                if self.check(child, now) == REFUSED_EXIT:
                     return REFUSED_EXIT
             self._pass_hangups()
             time.sleep(POLL_S)
         return None
 
-    def _check(self, child: Child, now: float) -> int | None:
-        """Restarts a child that is due; schedules the restart of one that has exited. Returns
-        the exit code of a child that has just exited."""
+    def check(self, child: Child, now: float) -> int | None:
+        """One look at one child: restarts it when its restart is due, schedules the restart of
+        one that has exited. Returns the exit code of a child that has just exited."""
         if child.proc is None:
             if child.restart_at is not None and now >= child.restart_at:
-                self._start(child)
+                try:
+                    self._start(child)
+                except OSError as exc:  # cannot fork or exec now: the backoff's next turn
+                    child.restart_at = now + child.backoff.delay(0.0)
+                    log.error("cannot start a gateway process",
+                              extra={"slot": child.slot, "error": str(exc)})  # fmt: skip
             return None
         code = child.proc.poll()
         if code is None:

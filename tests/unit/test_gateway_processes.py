@@ -25,7 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from service.config import GatewaySettings, StartupError
-from service.gateway.processes import PER_KEY_LIMITS, check_processes, handles_signal
+from service.gateway.processes import (
+    PER_KEY_LIMITS,
+    REFUSED_EXIT,
+    GatewayProcesses,
+    check_processes,
+    handles_signal,
+)
 from service.observability.multiprocess import merged_registry
 from tests.conftest import free_port
 
@@ -333,3 +339,58 @@ def test_handles_signal_reads_the_caught_mask() -> None:
         assert not handles_signal(os.getpid(), signal.SIGUSR2)
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def _supervisor(command: list[str], tmp_path: Path, now: list[float]) -> GatewayProcesses:
+    return GatewayProcesses(
+        command=command,
+        env=dict(os.environ),
+        metrics_dir=tmp_path,
+        count=1,
+        grace_s=1.0,
+        clock=lambda: now[0],
+    )
+
+
+def test_a_process_that_exits_is_restarted_after_a_growing_backoff(tmp_path: Path) -> None:
+    now = [100.0]
+    processes = _supervisor([sys.executable, "-c", "raise SystemExit(1)"], tmp_path, now)
+    child = processes.children[0]
+    child.restart_at = now[0]  # due
+    try:
+        for backoff in (1.0, 2.0):
+            assert processes.check(child, now[0]) is None and child.proc is not None  # started
+            child.proc.wait(30)
+            now[0] += 0.5
+            assert processes.check(child, now[0]) == 1
+            assert child.proc is None and child.restart_at == now[0] + backoff
+            now[0] += backoff - 0.01
+            assert processes.check(child, now[0]) is None and child.proc is None  # not yet due
+            now[0] += 0.01
+    finally:
+        assert processes.stop()
+
+
+def test_a_process_refusing_its_configuration_is_not_restarted(tmp_path: Path) -> None:
+    now = [100.0]
+    refuse = f"raise SystemExit({REFUSED_EXIT})"
+    processes = _supervisor([sys.executable, "-c", refuse], tmp_path, now)
+    child = processes.children[0]
+    child.restart_at = now[0]
+    try:
+        processes.check(child, now[0])
+        assert child.proc is not None
+        child.proc.wait(30)
+        assert processes.check(child, now[0]) == REFUSED_EXIT
+        assert child.restart_at is None  # supervise() stops every process on this code
+    finally:
+        processes.stop()
+
+
+def test_a_process_that_cannot_be_started_is_tried_again_later(tmp_path: Path) -> None:
+    now = [100.0]
+    processes = _supervisor([str(tmp_path / "no-such-program")], tmp_path, now)
+    child = processes.children[0]
+    child.restart_at = now[0]
+    assert processes.check(child, now[0]) is None
+    assert child.proc is None and child.restart_at is not None and child.restart_at > now[0]

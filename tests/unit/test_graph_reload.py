@@ -483,7 +483,7 @@ nodes:
 
 
 def test_the_reload_interval_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert GatewaySettings().graph_reload_interval_s == 1.0
+    assert GatewaySettings().graph_reload_interval_s == 0.5
     monkeypatch.setenv("OCTOGRAPH_GRAPH_RELOAD_INTERVAL_S", "0")
     assert GatewaySettings().graph_reload_interval_s == 0
 
@@ -676,7 +676,7 @@ async def test_reload_under_load_in_real_processes(tmp_path: Path) -> None:
             a_seconds = loads["a"].first_seen["two"] - swapped
             print(
                 f"\nA: new system prompt answered {a_seconds:.3f} s after the swap "
-                f"(polling every 1 s)"
+                f"(polling every 0.5 s, the default)"
             )
             assert a_seconds < 3.0  # "within a second" + one poll + a busy 2-core machine
 

@@ -871,6 +871,12 @@ def bench_processes(args: argparse.Namespace) -> int:
 
 def summarize_processes(level: str, by_count: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     row: dict[str, Any] = {"scenario": f"non-stream {level}"}
+    # Within a round the process counts run back to back, so a busy spell of the machine hits
+    # them alike; the median of the per-round ratios (largest count over smallest) resists it.
+    low, high = by_count[min(by_count)], by_count[max(by_count)]
+    ratios = [h["n"] / max(1, lo["n"]) for lo, h in zip(low, high, strict=False)]
+    row["ratio_per_round"] = [round(r, 3) for r in ratios]
+    row["ratio_median"] = statistics.median(ratios) if ratios else float("nan")
     for n, rs in by_count.items():
         lat = [v for r in rs for v in r["lat_us"]]
         total = max(1, sum(r["n_all"] for r in rs))
@@ -900,7 +906,7 @@ def print_processes(rows: list[dict[str, Any]], counts: list[int], meta: dict[st
     print(f"machine: {meta['cpus']} CPUs ({meta['cpu_model']}), load avg before/after "
           f"{meta['load_before']} / {meta['load_after']}; pinning: {meta['pinning']}")  # fmt: skip
     names = " / ".join(f"N={n}" for n in counts)
-    hdr = (f"{'scenario':18s} {'req/s ' + names:>22s} {'ratio':>6s} "
+    hdr = (f"{'scenario':18s} {'req/s ' + names:>22s} {'ratio':>6s} {'median':>6s} "
            f"{'p50/p99 ms ' + names:>30s} {'gw CPU us/req ' + names:>28s} "
            f"{'worker us/req':>14s}  CPU share per process (N={counts[-1]})")  # fmt: skip
     print(hdr)
@@ -912,9 +918,12 @@ def print_processes(rows: list[dict[str, Any]], counts: list[int], meta: dict[st
         cpu = " / ".join(f"{c['gateway_cpu_us_per_req']:.0f}" for c in cols)
         ratio = cols[-1]["rps"] / cols[0]["rps"] if cols[0]["rps"] else float("nan")
         errs = [c["errors"] for c in cols if c["errors"]]
-        print(f"{r['scenario']:18s} {rps:>22s} {ratio:6.2f} {lat:>30s} {cpu:>28s} "
+        print(f"{r['scenario']:18s} {rps:>22s} {ratio:6.2f} {r['ratio_median']:6.2f} "
+              f"{lat:>30s} {cpu:>28s} "
               f"{cols[-1]['worker_cpu_us_per_req']:14.0f}  {cols[-1]['cpu_share_per_process']}"
               f"{'  errors ' + str(errs) if errs else ''}")  # fmt: skip
+    print(f"ratio: req/s of N={counts[-1]} over N={counts[0]} (all rounds); median: of the "
+          "per-round ratios (each round runs both back to back)")  # fmt: skip
 
 
 def main() -> int:

@@ -46,8 +46,11 @@ POLL_S = 0.1
 # The children's own drain ends by grace + 1 s (uvicorn's graceful shutdown, serving.py); the
 # parent kills what is still alive this much later.
 STOP_MARGIN_S = 5.0
-# The CLI's exit code for a configuration it refuses (service/cli.py): a child that exits with
-# it would refuse again on every restart, so the parent stops instead of retrying.
+# The CLI's exit code for a configuration it refuses (service/cli.py). A child that exits with
+# it while no other child serves stops the parent with it: every restart would refuse again
+# (a bad secret file, say). While others serve it is restarted like any other, since what it
+# refused may be fixed (a graph file edited half-way, which the running processes' reload
+# refuses and keeps serving the previous graph around).
 REFUSED_EXIT = 2
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -136,8 +139,9 @@ class Child:
 @dataclass
 class GatewayProcesses:
     """The parent's bookkeeping: `supervise` until a stop signal (or a child refusing its
-    configuration), then `stop`, which always runs. The signal handlers only count signals;
-    the loop acts on them, so a signal never lands half-way through a restart."""
+    configuration with no other child running), then `stop`, which always runs. The signal
+    handlers only count signals; the loop acts on them, so a signal never lands half-way
+    through a restart."""
 
     command: list[str]
     env: dict[str, str]
@@ -160,13 +164,16 @@ class GatewayProcesses:
         self.hangups += 1
 
     def supervise(self) -> int | None:
-        """Returns None on a stop signal, REFUSED_EXIT when a child refused its configuration."""
+        """Returns None on a stop signal, REFUSED_EXIT when a child refused its configuration
+        and no other child is running."""
         for child in self.children:
             self._start(child)
         while not self.stop_signals:
             now = self.clock()
             for child in self.children:
-                if self.check(child, now) == REFUSED_EXIT:
+                if self.check(child, now) == REFUSED_EXIT and not self.running():
+                    log.error("gateway process refused its configuration and none runs; "
+                              "stopping", extra={"slot": child.slot})  # fmt: skip
                     return REFUSED_EXIT
             self._pass_hangups()
             time.sleep(POLL_S)
@@ -188,15 +195,14 @@ class GatewayProcesses:
         if code is None:
             return None
         self._reaped(child, code)
-        if code == REFUSED_EXIT:
-            log.error("gateway process refused its configuration; stopping",
-                      extra={"slot": child.slot})  # fmt: skip
-        else:
-            delay = child.backoff.delay(now - child.started_at)
-            child.restart_at = now + delay
-            log.warning("gateway process exited; restarting it",
-                        extra={"slot": child.slot, "code": code, "in_s": delay})  # fmt: skip
+        delay = child.backoff.delay(now - child.started_at)
+        child.restart_at = now + delay
+        log.warning("gateway process exited; restarting it",
+                    extra={"slot": child.slot, "code": code, "in_s": delay})  # fmt: skip
         return code
+
+    def running(self) -> bool:
+        return any(child.proc is not None for child in self.children)
 
     def stop(self) -> bool:
         """SIGTERM to every child once per stop signal received (at least once), SIGKILL to any

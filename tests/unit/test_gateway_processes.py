@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -371,20 +372,34 @@ def test_a_process_that_exits_is_restarted_after_a_growing_backoff(tmp_path: Pat
         assert processes.stop()
 
 
-def test_a_process_refusing_its_configuration_is_not_restarted(tmp_path: Path) -> None:
-    now = [100.0]
-    refuse = f"raise SystemExit({REFUSED_EXIT})"
-    processes = _supervisor([sys.executable, "-c", refuse], tmp_path, now)
-    child = processes.children[0]
-    child.restart_at = now[0]
+def test_a_refusal_stops_the_parent_only_when_no_other_process_runs(tmp_path: Path) -> None:
+    """The first process to create the marker file refuses (exit 2); every other one, and that
+    one again once restarted, runs."""
+    marker = tmp_path / "refused-once"
+    script = (
+        "import os, sys, time\n"
+        "try:\n"
+        f"    os.close(os.open({str(marker)!r}, os.O_CREAT | os.O_EXCL))\n"
+        f"    sys.exit({REFUSED_EXIT})\n"
+        "except FileExistsError:\n"
+        "    time.sleep(60)\n"
+    )
+    processes = GatewayProcesses(command=[sys.executable, "-c", script], env=dict(os.environ),
+                                 metrics_dir=tmp_path, count=2, grace_s=1.0)  # fmt: skip
+    stopper = threading.Timer(4.0, processes.on_stop_signal, (signal.SIGTERM, None))
+    stopper.start()
     try:
-        processes.check(child, now[0])
-        assert child.proc is not None
-        child.proc.wait(30)
-        assert processes.check(child, now[0]) == REFUSED_EXIT
-        assert child.restart_at is None  # supervise() stops every process on this code
+        assert processes.supervise() is None  # the other process ran: restarted, not stopped
+        assert all(child.proc is not None for child in processes.children)
     finally:
-        processes.stop()
+        stopper.cancel()
+        assert processes.stop()  # both running, both ended by the SIGTERM
+    alone = _supervisor([sys.executable, "-c", f"raise SystemExit({REFUSED_EXIT})"], tmp_path,
+                        [0.0])  # fmt: skip
+    try:
+        assert alone.supervise() == REFUSED_EXIT  # nothing else runs: restarting cannot help
+    finally:
+        alone.stop()
 
 
 def test_a_process_that_cannot_be_started_is_tried_again_later(tmp_path: Path) -> None:

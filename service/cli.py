@@ -23,12 +23,10 @@ ENGINE_DEAD_EXIT = 3
 
 def _gateway(args: argparse.Namespace) -> int:
     from service.config import GatewaySettings
-    from service.gateway.app import build_gateway_app
     from service.gateway.auth import check_exposure
     from service.gateway.processes import check_processes, die_with_parent
     from service.graph.schema import load_graph
     from service.observability.logging import setup_logging
-    from service.serving import Lifecycle, serve
 
     # One of several processes started by `--processes N` (service/gateway/processes.py).
     supervised = args.supervised_by is not None
@@ -54,6 +52,10 @@ def _gateway(args: argparse.Namespace) -> int:
         from service.gateway.processes import run_gateway_processes
 
         return run_gateway_processes(settings)
+    # Imported here: the parent of N processes serves nothing (~40 MB less resident in it).
+    from service.gateway.app import build_gateway_app
+    from service.serving import Lifecycle, serve
+
     lifecycle = Lifecycle()
     app = build_gateway_app(
         settings,

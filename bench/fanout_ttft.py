@@ -14,9 +14,11 @@ with the same probe on an idle engine, and the difference is expressed in engine
 fan-out's median gap between two tokens of one sequence while the probe runs). F = 16 (the
 cap), 32 (a whole batch) and 64 (the gateway's old per-request maximum).
 
-A second probe arrives 20 ms after a fan-out with long prompts is submitted, i.e. during its
-prefill: a prefill step is longer than a decode step, and the engine schedules the running
-requests' prefill chunks before a new one.
+A second probe arrives 20 ms after a fan-out with long prompts (~870 tokens, seeded: no prefix
+cache) is submitted, i.e. during its prefill: the engine schedules at most 2,048 tokens a step,
+the running requests' prefill chunks first, then waiting requests in priority order. The
+fan-out's requests carry the queue place the gateway gives them (`queue_priority`, the probe's
+is 0); `--fifo` sends every request at place 0 instead, as before priorities.
 
 Through the gateway: a request of 32 sequences is refused (400) and one of 16 is served.
 Prints a table; writes bench/results/fanout_ttft.json. Figures are this run's only (the VM's
@@ -45,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.engine_throughput import spawn, stop, uptime, wait_http  # noqa: E402
 from service.embedded import free_port, role_settings, worker_env  # noqa: E402
+from service.gateway.plan import queue_priority  # noqa: E402
 from service.graph.schema import parse_graph  # noqa: E402
 from service.models import packaged  # noqa: E402
 
@@ -62,8 +65,11 @@ nodes:
 class FanOut:
     """F sequences as ceil(F/16) concurrent requests; records each sequence's token times."""
 
-    def __init__(self, url: str, total: int, messages: list[dict[str, str]], max_tokens: int):
+    def __init__(
+        self, url: str, total: int, messages: list[dict[str, str]], max_tokens: int, fifo: bool
+    ) -> None:
         self.url, self.total, self.messages, self.max_tokens = url, total, messages, max_tokens
+        self.fifo = fifo
         self.token_times: dict[tuple[int, int], list[float]] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -80,6 +86,8 @@ class FanOut:
             "request_id": f"fan-{uuid.uuid4().hex}",
             "messages": self.messages,
             "sampling": {"n": n, "max_tokens": self.max_tokens, "ignore_eos": True, "seed": k},
+            # The place the gateway would give it (--fifo: every request first come first served).
+            "priority": 0 if self.fifo else queue_priority(self.total),
         }
         async with client.stream("POST", self.url, json=body) as r:
             r.raise_for_status()
@@ -140,8 +148,8 @@ async def measure(wurl: str, gurl: str, batch: int, args: argparse.Namespace) ->
         out["alone_ttft_s"] = alone
         print(f"probe alone: TTFT p50 {statistics.median(alone) * 1e3:.1f} ms", flush=True)
         out["decoding"] = []
-        for total in args.fan_out:
-            fan = FanOut(gen, total, FAN_OUT, args.max_tokens)
+        for total in [] if args.skip_decoding else args.fan_out:
+            fan = FanOut(gen, total, FAN_OUT, args.max_tokens, args.fifo)
             fan.start(client)
             ok = await settle(lambda f=fan, t=total: f.started() >= min(t, batch), 120)
             await asyncio.sleep(0.5)  # well into decoding
@@ -160,7 +168,7 @@ async def measure(wurl: str, gurl: str, batch: int, args: argparse.Namespace) ->
         for total in args.fan_out:
             ttfts, steps = [], []
             for _ in range(max(1, args.probes // 2)):
-                fan = FanOut(gen, total, [{"role": "user", "content": LONG}], 8)
+                fan = FanOut(gen, total, [{"role": "user", "content": LONG}], 8, args.fifo)
                 fan.start(client)
                 await asyncio.sleep(0.02)
                 t0 = time.monotonic()
@@ -234,6 +242,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fifo", action="store_true", help="fan-outs at queue place 0 (no priority)")
+    ap.add_argument("--skip-decoding", action="store_true", help="only the prefill probes")
     args = ap.parse_args()
     model_dir = packaged.model_dir("smollm2")
     if not packaged.is_prepared("smollm2"):

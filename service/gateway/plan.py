@@ -126,6 +126,14 @@ class ReplyShape:
         }
 
 
+def queue_priority(cost: int) -> int:
+    """A request's place in the engine's queue (vLLM's priority scheduling: lower first, then
+    arrival): 0 for one sequence, one later per doubling of its cost. A fan-out's sequences that
+    wait for the engine's batch or prefill budget then wait behind a smaller request that
+    arrived after them, so that request's first token comes at the next step."""
+    return max(cost, 1).bit_length() - 1
+
+
 @dataclass
 class RequestPlan:
     kind: Kind
@@ -228,11 +236,7 @@ class RequestPlan:
 
     @property
     def priority(self) -> int:
-        """The engine's queue place (vLLM's priority scheduling: lower first, then arrival):
-        0 for one sequence, one later per doubling of the cost. A fan-out's sequences that
-        wait for the engine's batch or prefill budget then wait behind a smaller request
-        that arrived after them, so its first token comes at the next step."""
-        return self.cost.bit_length() - 1
+        return queue_priority(self.cost)
 
     def upstream_body(
         self, upstream_model: str, node: Node | None, passthrough: frozenset[str]

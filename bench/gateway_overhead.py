@@ -4,6 +4,7 @@ directly, measured side by side in one run (interleaved rounds).
     .venv/bin/python bench/gateway_overhead.py [--rounds 3] [--duration 2] [--quick]
     .venv/bin/python bench/gateway_overhead.py --profile     # py-spy the gateway under load
     .venv/bin/python bench/gateway_overhead.py --upstream openai  # as a proxy of an OpenAI server
+    .venv/bin/python bench/gateway_overhead.py --redis  # per-key limits in Redis vs in-process
 
 Prints a table and writes bench/results/gateway_overhead.json (README.md, "Performance").
 
@@ -926,6 +927,248 @@ def print_processes(rows: list[dict[str, Any]], counts: list[int], meta: dict[st
           "per-round ratios (each round runs both back to back)")  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------
+# --redis: per-key limits in Redis vs. in the process (issue 22)
+# --------------------------------------------------------------------------------------------
+
+BENCH_KEY = "bench-key"
+# Every per-key limit on (so admission runs all three checks), far above what the bench sends.
+KEY_LIMITS_ENV = {
+    "OCTOGRAPH_API_KEYS": json.dumps([BENCH_KEY]),
+    "OCTOGRAPH_RATE_LIMIT_RPM": "1000000000",
+    "OCTOGRAPH_RATE_LIMIT_TPM": "1000000000000",
+    "OCTOGRAPH_MAX_INFLIGHT_PER_KEY": "1000000",
+}
+LIMITS_MODES = ("in-process", "redis")
+
+
+class LimitsStack:
+    """`--redis`: one fake worker, one redis-server and two gateways with the same API key and
+    per-key limits; "in-process" keeps the limits in the gateway (no OCTOGRAPH_REDIS_URL),
+    "redis" in the redis-server. Both gateways sit on the gateway core (one is measured at a
+    time); the worker, redis-server and load generator on the other."""
+
+    def __init__(self, tmp: Path, args: argparse.Namespace, cores: tuple[int | None, int | None]):
+        import shutil
+
+        self.gw_core, self.other_core = cores
+        redis_bin = shutil.which("redis-server")
+        if redis_bin is None:
+            raise SystemExit("--redis needs redis-server (bash scripts/redis-tools.sh)")
+        self.worker_port, self.redis_port = free_port(), free_port()
+        self.ports = {mode: free_port() for mode in LIMITS_MODES}
+        graph = tmp / "graph.yaml"
+        graph.write_text(
+            "models:\n"
+            f"  fake: {{urls: ['http://127.0.0.1:{self.worker_port}'], max_model_len: 4096}}\n"
+            "nodes:\n"
+            "  general: {kind: model, model: fake}\n"
+        )
+        py = sys.executable
+        self.procs: list[subprocess.Popen] = []
+        self.redis = spawn(
+            [redis_bin, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(tmp)],
+            tmp / "redis.log", self.other_core, {},
+        )  # fmt: skip
+        self.procs.append(self.redis)
+        self.worker = spawn(
+            [py, "-m", "service.cli", "worker", "--fake", "--model", "fake",
+             "--port", str(self.worker_port), "--fake-reply-words", str(args.long_tokens)],
+            tmp / "worker.log", self.other_core,
+            {"OCTOGRAPH_WORKER_LOG_LEVEL": "WARNING", "OCTOGRAPH_WORKER_MAX_INFLIGHT": "4096"},
+        )  # fmt: skip
+        self.procs.append(self.worker)
+        gw_env = {
+            "OCTOGRAPH_LOG_LEVEL": "WARNING",
+            "OCTOGRAPH_MAX_INFLIGHT": "4096",
+            "OCTOGRAPH_MAX_INFLIGHT_PER_NODE": "4096",
+            **KEY_LIMITS_ENV,
+        }
+        redis_env = {"OCTOGRAPH_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0"}
+        self.gateways: dict[str, subprocess.Popen] = {}
+        for mode in LIMITS_MODES:
+            self.gateways[mode] = spawn(
+                [py, "-m", "service.cli", "gateway", "--config", str(graph),
+                 "--port", str(self.ports[mode])],
+                tmp / f"gateway-{mode}.log", self.gw_core,
+                {**gw_env, **(redis_env if mode == "redis" else {})},
+            )  # fmt: skip
+            self.procs.append(self.gateways[mode])
+        try:
+            wait_ready(f"http://127.0.0.1:{self.worker_port}/readyz", self.worker)
+            for mode in LIMITS_MODES:
+                wait_ready(f"http://127.0.0.1:{self.ports[mode]}/readyz", self.gateways[mode])
+        except BaseException:
+            self.close()
+            for mode in LIMITS_MODES:
+                log = (tmp / f"gateway-{mode}.log").read_text(errors="replace")[-2000:]
+                print(f"gateway ({mode}) log:\n{log}", file=sys.stderr)
+            raise
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def spec(self, mode: str, *, stream: bool, tokens: int, concurrency: int,
+             duration_s: float, warmup_s: float) -> dict[str, Any]:  # fmt: skip
+        port = self.ports[mode]
+        body = gateway_body(tokens, stream)
+        request = http_request(
+            port, "/v1/chat/completions", body, f"authorization: Bearer {BENCH_KEY}\r\n"
+        )
+        marker = "data: " if stream else '"choices"'
+        return {
+            "host": "127.0.0.1",
+            "port": port,
+            "request": request.decode("latin-1"),
+            "marker": marker,
+            "chunk_marker": marker,
+            "concurrency": concurrency,
+            "warmup_s": warmup_s,
+            "duration_s": duration_s,
+        }
+
+
+def redis_bench(args: argparse.Namespace) -> int:
+    """Each scenario runs against both gateways, interleaved per round (in-process, redis; then
+    redis, in-process), with the same worker: the difference is what the limits in Redis cost
+    (one round trip per admission; releases and token counts batched in the background)."""
+    cores = choose_cores(args.no_pin)
+    if cores[1] is not None:
+        os.sched_setaffinity(0, {cores[1]})
+    s = args.short_tokens
+    plan = [
+        {"name": f"non-stream c={c}", "stream": False, "tokens": s, "concurrency": c}
+        for c in args.concurrency
+    ] + [{"name": f"stream {s} tok c=8", "stream": True, "tokens": s, "concurrency": 8}]
+    if args.only:
+        plan = [sc for sc in plan if any(o in sc["name"] for o in args.only)]
+    meta = {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "pinning": (
+            f"gateways on core {cores[0]}; worker, redis-server + load generator on core "
+            f"{cores[1]}"
+            if cores[0] is not None
+            else "none"
+        ),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "limits": KEY_LIMITS_ENV | {"OCTOGRAPH_API_KEYS": "[1 key]"},
+    }
+    print(f"load average now: {meta['load_before']}  ({meta['pinning']})", flush=True)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="octo-bench-redis-") as tmpdir:
+        stack = LimitsStack(Path(tmpdir), args, cores)
+        try:
+            for mode in LIMITS_MODES:  # warm both (imports, pools, scripts loaded in Redis)
+                spec = stack.spec(mode, stream=False, tokens=s, concurrency=8, duration_s=0.5,
+                                  warmup_s=0.5)  # fmt: skip
+                warm = run_loadgen(spec, stack.other_core)
+                print(f"warm-up {mode}: {warm['n']} requests, errors {warm['errors']}, "
+                      f"sample {warm['sample'][:1]}", flush=True)  # fmt: skip
+            for rnd in range(args.rounds):
+                for sc in plan:
+                    order = LIMITS_MODES if rnd % 2 == 0 else LIMITS_MODES[::-1]
+                    for mode in order:
+                        spec = stack.spec(
+                            mode,
+                            stream=sc["stream"],
+                            tokens=sc["tokens"],
+                            concurrency=sc["concurrency"],
+                            duration_s=args.duration,
+                            warmup_s=args.warmup,
+                        )
+                        pid = stack.gateways[mode].pid
+                        cpu0 = (cpu_ns(pid), cpu_ns(stack.redis.pid))
+                        res = run_loadgen(spec, stack.other_core)
+                        cpu1 = (cpu_ns(pid), cpu_ns(stack.redis.pid))
+                        res["gateway_cpu_ns"] = cpu1[0] - cpu0[0]
+                        res["redis_cpu_ns"] = cpu1[1] - cpu0[1]
+                        runs.setdefault(sc["name"], {m: [] for m in LIMITS_MODES})[mode].append(
+                            res
+                        )
+                        print(
+                            f"round {rnd + 1}/{args.rounds} {sc['name']:18s} {mode:10s} "
+                            f"n={res['n']:6d} p50={pct(res['lat_us'], 50):7.3f} ms "
+                            f"errors={res['errors']} load={res['load1']:.2f}",
+                            flush=True,
+                        )
+        finally:
+            stack.close()
+    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    rows = [summarize_limits(sc["name"], runs[sc["name"]]) for sc in plan]
+    print_limits_table(rows, meta)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / (args.output or "gateway_overhead_redis.json")
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out.relative_to(REPO)}")
+    return 0
+
+
+def summarize_limits(name: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    row: dict[str, Any] = {"scenario": name}
+    for mode in LIMITS_MODES:
+        rs = runs[mode]
+        lat = [v for r in rs for v in r["lat_us"]]
+        total = max(1, sum(r["n_all"] for r in rs))
+        row[mode] = {
+            "n": len(lat),
+            "rps": sum(r["n"] for r in rs) / sum(r["window_s"] for r in rs),
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "per_round_p50_ms": [pct(r["lat_us"], 50) for r in rs],
+            "errors": {k: sum(r["errors"].get(k, 0) for r in rs) for r in rs for k in r["errors"]},
+            # CPU per request (every request of the run, warm-up included), whatever the load.
+            "gateway_cpu_us_per_req": sum(r["gateway_cpu_ns"] for r in rs) / total / 1000,
+            "redis_cpu_us_per_req": sum(r["redis_cpu_ns"] for r in rs) / total / 1000,
+        }
+    local, shared = row["in-process"], row["redis"]
+    row["added_p50_ms"] = shared["p50_ms"] - local["p50_ms"]
+    row["added_p50_per_round_ms"] = [
+        b - a for a, b in zip(local["per_round_p50_ms"], shared["per_round_p50_ms"], strict=False)
+    ]
+    row["added_gateway_cpu_us_per_req"] = (
+        shared["gateway_cpu_us_per_req"] - local["gateway_cpu_us_per_req"]
+    )
+    return row
+
+
+def print_limits_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    print()
+    print(f"machine: {meta['cpus']} CPUs ({meta['cpu_model']}), load avg before/after "
+          f"{meta['load_before']} / {meta['load_after']}; pinning: {meta['pinning']}")  # fmt: skip
+    print("per-key limits (RPM, TPM, in flight) in the gateway process vs. in Redis:")
+    hdr = (
+        f"{'scenario':18s} {'p50 ms in-proc/redis':>21s} {'added p50':>10s} "
+        f"{'gw CPU us/req in-proc/redis':>28s} {'added':>7s} {'redis-server us/req':>20s}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        a, b = r["in-process"], r["redis"]
+        errs = "" if not (a["errors"] or b["errors"]) else f"  errors {a['errors']} {b['errors']}"
+        print(
+            f"{r['scenario']:18s} {a['p50_ms']:9.3f}/{b['p50_ms']:<11.3f} "
+            f"{r['added_p50_ms']:+9.3f} "
+            f"{a['gateway_cpu_us_per_req']:14.0f}/{b['gateway_cpu_us_per_req']:<13.0f} "
+            f"{r['added_gateway_cpu_us_per_req']:+7.0f} {b['redis_cpu_us_per_req']:20.0f}{errs}"
+        )
+    print("\ntarget: added p50 <= 0.3 ms")
+    for r in rows:
+        rounds = ", ".join(f"{v:+.3f}" for v in r["added_p50_per_round_ms"])
+        verdict = "met" if r["added_p50_ms"] <= 0.3 else "MISSED"
+        print(f"  {r['scenario']:18s} {r['added_p50_ms']:+.3f} ms (rounds: {rounds}): {verdict}")
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--loadgen":
         print(json.dumps(_loadgen_main(json.loads(sys.argv[2]))))
@@ -953,6 +1196,9 @@ def main() -> int:
                    help="compare gateways of these process counts (e.g. 1 2: `octograph gateway "
                    "--processes N`, unpinned) instead of direct vs gateway; non-streaming, "
                    "concurrency from --concurrency above 1")  # fmt: skip
+    p.add_argument("--redis", action="store_true",
+                   help="per-key limits in Redis vs in the process: two gateways (one with "
+                   "OCTOGRAPH_REDIS_URL) and a redis-server side by side")  # fmt: skip
     args = p.parse_args()
     global NICE
     NICE = args.nice
@@ -960,6 +1206,8 @@ def main() -> int:
         args.rounds, args.duration = 1, 1.0
     if args.processes:
         return bench_processes(args)
+    if args.redis:
+        return redis_bench(args)
     return bench(args)
 
 

@@ -95,6 +95,11 @@ class GatewaySettings(BaseSettings):
         description="when Redis cannot be reached: admit on per-process limits (fail_open) "
         "or refuse with 503 (fail_closed); either way a metric and a log line",
     )
+    redis_lease_ttl_s: PositiveFloat = Field(
+        30.0,
+        description="a request's in-flight lease in Redis lives this long unless its gateway "
+        "renews it (every third of it): how soon a crashed gateway's slots come back",
+    )
     # The workers' shared secret (service/internal_auth.py); the same variable as the
     # workers' own setting, OCTOGRAPH_WORKER_SECRET_FILE. Unset = workers are called without.
     worker_secret_file: Path | None = None

@@ -38,6 +38,7 @@ from service.gateway.routes import console as console_routes
 from service.gateway.routes import health, openai_routes
 from service.gateway.runners.ensemble import EnsembleRunner
 from service.gateway.shared.console_feed import ConsoleFeed
+from service.gateway.shared.limits import shared_key_limits
 from service.gateway.shared.redis_client import make_redis
 from service.graph.schema import GraphConfig
 from service.http_errors import install_error_handlers
@@ -124,6 +125,9 @@ def build_gateway_app(
         max_inflight_per_key=settings.max_inflight_per_key,
         rate_limit_rpm=settings.rate_limit_rpm,
         rate_limit_tpm=settings.rate_limit_tpm,
+        # Per-key limits in Redis with OCTOGRAPH_REDIS_URL (its own connection pool, so the
+        # admission path never waits behind other shared state's traffic).
+        shared=(shared_limits := shared_key_limits(settings, metrics)),
     )
     # Series only for the graph's ids: the recorder's memory is bounded by the graph (a reload
     # re-tracks them when it swaps the graph in: graph_reload.py).
@@ -156,6 +160,8 @@ def build_gateway_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await runtimes.start()
+        if shared_limits is not None:
+            shared_limits.start()
         if feed is not None:
             feed.start()
         if reloader is not None and (settings.graph_reload_interval_s > 0 or reload_on_sighup):
@@ -171,6 +177,8 @@ def build_gateway_app(
                 await reloader.stop()
             await runtimes.aclose()  # every runtime's pools and ensemble threads
             await http.aclose()
+            if shared_limits is not None:
+                await shared_limits.stop()
             if feed is not None:
                 await feed.close()
             if redis is not None:

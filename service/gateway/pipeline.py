@@ -55,7 +55,7 @@ class Pipeline:
         scope = RequestScope()
         try:
             check_cost(plan, self.max_request_sequences)
-            ticket = self.admission.admit(ctx.key, plan.cost)
+            ticket = await self.admission.admit(ctx.key, plan.cost)
             scope.on_close(ticket.release)
             route = await self.route(plan.request.model, plan.query, ctx, observer)
             answer, target = await self.run(plan, route, ticket, scope, observer)
@@ -67,7 +67,7 @@ class Pipeline:
 
     async def route_only(self, model: str, query: str, ctx: RequestContext) -> RouteResult:
         """Routing alone (`POST /v1/route`), admitted like a request of one sequence."""
-        ticket = self.admission.admit(ctx.key, 1)
+        ticket = await self.admission.admit(ctx.key, 1)
         try:
             return await self.route(model, query, ctx, None)
         finally:

@@ -136,3 +136,9 @@ class GatewayMetrics:
             "Console events (decisions, counts, latencies) that never reached Redis",
             registry=registry,
         )
+        self.shared_limits_up = Gauge(
+            "octograph_shared_limits_up",
+            "1 while the per-key limits shared in Redis answer; 0 during an outage "
+            "(admission then follows OCTOGRAPH_REDIS_FAILURE) and without Redis",
+            registry=registry,
+        )

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from service.gateway.processes import (
 )
 from service.observability.multiprocess import merged_registry
 from tests.conftest import free_port
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN_DELAY_S = 0.05  # the fake worker's pace: a 1-token answer is quick, a long stream is not
@@ -176,8 +178,10 @@ class Gateway:
         return out
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
+@contextmanager
+def running_gateway(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Gateway]:
+    """A fake worker and `octograph gateway --processes 2 --metrics-port ...` in front of it,
+    with `env` added to the gateway's environment; both stopped at the end."""
     worker_port, port, metrics_port = free_port(), free_port(), free_port()
     graph = tmp_path / "graph.yaml"
     graph.write_text(
@@ -197,7 +201,7 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
          "--metrics-port", str(metrics_port)],
         log,
         # TMPDIR: the multiprocess directory (tempfile) lands where the test can see it.
-        env={"TMPDIR": str(tmp_path), "OCTOGRAPH_LOG_JSON": "false"},
+        env={"TMPDIR": str(tmp_path), "OCTOGRAPH_LOG_JSON": "false", **(env or {})},
     )  # fmt: skip
     gw = Gateway(proc, f"http://127.0.0.1:{port}", port, metrics_port, tmp_path, log)
     seen: set[int] = set()
@@ -213,6 +217,12 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
         stop(worker)
 
 
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    with running_gateway(tmp_path) as gw:
+        yield gw
+
+
 def _ready(url: str) -> bool:
     try:
         return httpx.get(f"{url}/readyz", timeout=1, trust_env=False).status_code == 200
@@ -220,9 +230,13 @@ def _ready(url: str) -> bool:
         return False
 
 
-def chat(url: str, body: dict[str, object] = SHORT) -> httpx.Response:
+def chat(
+    url: str, body: dict[str, object] = SHORT, headers: dict[str, str] | None = None
+) -> httpx.Response:
     """One request on a connection of its own (the kernel picks a process per connection)."""
-    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30, trust_env=False)
+    return httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30, trust_env=False
+    )
 
 
 def test_both_processes_serve_and_metrics_are_one_view(gateway: Gateway) -> None:
@@ -287,6 +301,30 @@ def test_sigterm_drains_every_process_and_leaves_none(gateway: Gateway) -> None:
     assert gateway.proc.wait(60) == 0, gateway.log.read_text()
     assert not [pid for pid in pids if alive(pid)]
     assert not metrics_dir.exists()
+
+
+def test_per_key_limits_hold_across_processes_with_redis(
+    tmp_path: Path,
+    redis_server: RedisServer,  # noqa: F811 (fixture)
+) -> None:
+    """One sequence in flight per key: a stream holds it in one process, and the same key is
+    refused in the other process too, since the lease is in Redis."""
+    auth = {"authorization": "Bearer k1"}
+    env = {"OCTOGRAPH_REDIS_URL": redis_server.url, "OCTOGRAPH_API_KEYS": '["k1"]',
+           "OCTOGRAPH_MAX_INFLIGHT_PER_KEY": "1"}  # fmt: skip
+    with running_gateway(tmp_path, env) as gateway:
+        body = {**SHORT, "max_tokens": 150, "stream": True}
+        with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body,
+                          headers=auth, trust_env=False, timeout=30) as stream:  # fmt: skip
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)
+            refused = [chat(gateway.url, headers=auth) for _ in range(20)]
+        assert all(r.status_code == 429 for r in refused), [r.text for r in refused]
+        assert all("key_concurrency_exceeded" in r.text for r in refused)
+        by_process = gateway.per_process("octograph_admission_rejected_total", "counter")
+        assert sum(by_process.values()) == 20
+        assert len(by_process) == 2 and all(n > 0 for n in by_process.values()), by_process
+        assert chat(gateway.url, headers=auth).status_code == 200  # the stream's lease is back
 
 
 def test_a_port_in_use_is_refused_even_by_a_reuseport_listener(tmp_path: Path) -> None:

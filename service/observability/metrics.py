@@ -141,4 +141,5 @@ class GatewayMetrics:
             "1 while the per-key limits shared in Redis answer; 0 during an outage "
             "(admission then follows OCTOGRAPH_REDIS_FAILURE) and without Redis",
             registry=registry,
+            multiprocess_mode="livemin",  # --processes N: 0 while any process is cut off
         )

@@ -325,6 +325,8 @@ def test_per_key_limits_hold_across_processes_with_redis(
         assert sum(by_process.values()) == 20
         assert len(by_process) == 2 and all(n > 0 for n in by_process.values()), by_process
         assert chat(gateway.url, headers=auth).status_code == 200  # the stream's lease is back
+        # One series for the gateway (not one per process): 1, every process reaches Redis.
+        assert gateway.metrics(gateway.metrics_port)["octograph_shared_limits_up"] == 1
 
 
 def test_a_port_in_use_is_refused_even_by_a_reuseport_listener(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ A second probe arrives 20 ms after a fan-out with long prompts (~870 tokens, see
 cache) is submitted, i.e. during its prefill: the engine schedules at most 2,048 tokens a step,
 the running requests' prefill chunks first, then waiting requests in priority order. The
 fan-out's requests carry the queue place the gateway gives them (`queue_priority`, the probe's
-is 0); `--fifo` sends every request at place 0 instead, as before priorities.
+is 0), and side by side at place 0 (first come first served, as before priorities). The
+excess is in prefill steps (the fan-out's prefill time over the 2,048-token steps it needed).
 
 Through the gateway: a request of 32 sequences is refused (400) and one of 16 is served.
 Prints a table; writes bench/results/fanout_ttft.json. Figures are this run's only (the VM's
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import statistics
@@ -70,10 +72,13 @@ class FanOut:
     ) -> None:
         self.url, self.total, self.messages, self.max_tokens = url, total, messages, max_tokens
         self.fifo = fifo
+        self.started_at = 0.0
+        self.prompt_tokens = 0
         self.token_times: dict[tuple[int, int], list[float]] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self, client: httpx.AsyncClient) -> None:
+        self.started_at = time.monotonic()
         left, k = self.total, 0
         while left > 0:
             n = min(PER_REQUEST_N, left)
@@ -94,11 +99,17 @@ class FanOut:
             async for line in r.aiter_lines():
                 if line:
                     ev = json.loads(line)
-                    if ev["type"] == "delta":
+                    if ev["type"] == "start":
+                        self.prompt_tokens = ev["prompt_tokens"]
+                    elif ev["type"] == "delta":
                         self.token_times.setdefault((k, ev["index"]), []).append(time.monotonic())
 
     def started(self) -> int:
         return len(self.token_times)
+
+    def prefill_s(self) -> float:
+        """From the fan-out's start to the first token of its last sequence to start."""
+        return max(times[0] for times in self.token_times.values()) - self.started_at
 
     def step_s(self, since: float, until: float) -> float | None:
         """Median gap between two tokens of one sequence within [since, until]."""
@@ -149,7 +160,7 @@ async def measure(wurl: str, gurl: str, batch: int, args: argparse.Namespace) ->
         print(f"probe alone: TTFT p50 {statistics.median(alone) * 1e3:.1f} ms", flush=True)
         out["decoding"] = []
         for total in [] if args.skip_decoding else args.fan_out:
-            fan = FanOut(gen, total, FAN_OUT, args.max_tokens, args.fifo)
+            fan = FanOut(gen, total, FAN_OUT, args.max_tokens, fifo=False)
             fan.start(client)
             ok = await settle(lambda f=fan, t=total: f.started() >= min(t, batch), 120)
             await asyncio.sleep(0.5)  # well into decoding
@@ -165,38 +176,40 @@ async def measure(wurl: str, gurl: str, batch: int, args: argparse.Namespace) ->
             print(_line("decoding", row), flush=True)
             await asyncio.sleep(1.0)  # the engine drains the aborted sequences
         out["prefill"] = []
+        budget = (await client.get(f"{wurl}/internal/info")).json()["max_num_batched_tokens"]
         for total in args.fan_out:
-            ttfts, steps = [], []
-            for _ in range(max(1, args.probes // 2)):
-                fan = FanOut(gen, total, [{"role": "user", "content": LONG}], 8, args.fifo)
-                fan.start(client)
-                await asyncio.sleep(0.02)
-                t0 = time.monotonic()
-                sent, first = await probe(client, gen)
-                ttfts.append(first - sent)
-                await settle(lambda f=fan, t=total: f.started() >= min(t, batch), 120)
-                await asyncio.sleep(0.3)
-                step = fan.step_s(t0, time.monotonic())
-                if step is not None:
-                    steps.append(step)
-                await fan.stop()
-                await asyncio.sleep(0.5)
-            step_p50 = statistics.median(steps) if steps else None
-            row = _row(total, ttfts, alone, step_p50, True)
-            out["prefill"].append(row)
-            print(_line("prefill", row), flush=True)
+            for fifo in (True, False):  # side by side: first come first served, then priorities
+                ttfts, prefill_steps = [], []
+                for _ in range(max(1, args.probes // 2)):
+                    fan = FanOut(gen, total, [{"role": "user", "content": LONG}], 8, fifo)
+                    fan.start(client)
+                    await asyncio.sleep(0.02)
+                    sent, first = await probe(client, gen)
+                    ttfts.append(first - sent)
+                    await settle(lambda f=fan, t=total: f.started() >= min(t, batch), 300)
+                    # A prefill step: the fan-out's prefill time over the steps it needed.
+                    steps = math.ceil(min(total, batch) * fan.prompt_tokens / budget)
+                    prefill_steps.append(fan.prefill_s() / steps)
+                    await fan.stop()
+                    await asyncio.sleep(0.5)
+                row = _row(total, ttfts, alone, statistics.median(prefill_steps), True)
+                row["queue"] = "fifo" if fifo else "priority"
+                row["prompt_tokens"] = fan.prompt_tokens
+                out["prefill"].append(row)
+                print(_line(f"prefill/{row['queue']}", row), flush=True)
         # The gateway's side: a request over the cap is refused, one at it is served.
-        chat = f"{gurl}/v1/chat/completions"
-        body = {"model": "chat", "messages": PROBE, "max_tokens": 1}
-        over = await client.post(chat, json={**body, "n": 32})
-        at = await client.post(chat, json={**body, "n": 16})
+        completions = f"{gurl}/v1/completions"
+        body = {"model": "chat", "prompt": ["Say one word."] * 4, "max_tokens": 1}
+        over = await client.post(completions, json={**body, "n": 8})  # 32 sequences
+        at = await client.post(completions, json={**body, "n": 4})  # 16
         out["gateway"] = {
-            "n32_status": over.status_code,
-            "n32_message": over.json().get("error", {}).get("message"),
-            "n16_status": at.status_code,
+            "cost32_status": over.status_code,
+            "cost32_message": over.json().get("error", {}).get("message"),
+            "cost16_status": at.status_code,
         }
-        print(f"gateway: n=32 -> {over.status_code} ({out['gateway']['n32_message']}); "
-              f"n=16 -> {at.status_code}", flush=True)  # fmt: skip
+        print(f"gateway: 4 prompts x n=8 -> {over.status_code} "
+              f"({out['gateway']['cost32_message']}); 4 x n=4 -> {at.status_code}",
+              flush=True)  # fmt: skip
     return out
 
 
@@ -242,7 +255,6 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--probes", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fifo", action="store_true", help="fan-outs at queue place 0 (no priority)")
     ap.add_argument("--skip-decoding", action="store_true", help="only the prefill probes")
     args = ap.parse_args()
     model_dir = packaged.model_dir("smollm2")

@@ -56,7 +56,7 @@ class Pipeline:
         try:
             check_cost(plan, self.max_request_sequences)
             ticket = await self.admission.admit(ctx.key, plan.cost)
-            scope.on_close(ticket.release)
+            scope.on_close(ticket.aclose)
             route = await self.route(plan.request.model, plan.query, ctx, observer)
             answer, target = await self.run(plan, route, ticket, scope, observer)
             return await self.reply(plan, answer, target, scope, observer)
@@ -71,7 +71,7 @@ class Pipeline:
         try:
             return await self.route(model, query, ctx, None)
         finally:
-            ticket.release()
+            await ticket.aclose()
 
     # -- stages -----------------------------------------------------------------------------
 

@@ -421,6 +421,26 @@ async def _served_in_process(c: httpx.AsyncClient) -> bool:
     return r.status_code == 200
 
 
+async def test_back_to_back_requests_at_the_in_flight_limit_are_never_refused(
+    make_stack: Any,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    # Two gateways (in this process) on one Redis, a key allowed one sequence in flight: a
+    # client that sends its next request as soon as it has an answer always finds its slot
+    # free, whichever gateway it reaches (the lease is released before the answer goes out).
+    settings = {"api_keys": ["k1"], "max_inflight_per_key": 1, "redis_url": redis_server.url}
+    stacks = [await make_stack(**settings), await make_stack(**settings)]
+    codes = [
+        (
+            await stacks[i % 2].client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+        ).status_code
+        for i in range(20)
+    ]
+    assert codes == [200] * 20
+    for stack in stacks:
+        assert stack.app.state.gateway.pipeline.admission.shared.live == {}
+
+
 async def test_without_a_redis_url_limits_stay_in_the_process(make_stack: Any) -> None:
     stack = await make_stack(api_keys=["k1"], rate_limit_rpm=2)
     assert stack.app.state.gateway.pipeline.admission.shared is None

@@ -19,9 +19,12 @@ Entries older than the window (60 s) or leases past their expiry are dropped by 
 that looks at the key, so a gateway that dies holding leases frees them within the lease TTL:
 its leases are no longer renewed.
 
-Releases and token counts leave the request's path: they are queued (bounded) and sent by one
-background task per gateway, batched in one pipeline, which also renews every live lease each
-TTL/3. A release that is lost (queue full, Redis down) costs nothing but the lease's TTL.
+A request's lease is released when its scope closes (one round trip, before a JSON answer goes
+out, right after a stream's last byte), so a client that sends its next request at once finds
+its slot free. Token counts leave the request's path: they are queued (bounded) and sent by one
+background task per gateway, batched in one pipeline every FLUSH_DELAY_S, and the same task
+renews every live lease each TTL/3. A release that is lost (Redis down) costs nothing but the
+lease's TTL; a token count that is lost (queue full, Redis down) is an undercount.
 
 Redis unreachable: every failed call counts in `octograph_shared_state_errors_total{operation}`
 (operation `limits_admit`, `limits_release`, `limits_spend`, `limits_renew`, or `limits_dropped`
@@ -60,7 +63,7 @@ WINDOW_MS = 60_000  # RPM and TPM count the last minute
 OUTAGE_RETRY_S = 1.0  # after a failed call, admission skips Redis this long before trying again
 MAX_PENDING = 10_000  # releases and token counts waiting for the background task
 RENEW_BATCH = 500  # leases renewed per script call (one key's leases may need several)
-FLUSH_DELAY_S = 0.005  # releases and token counts gathered this long into one pipeline
+FLUSH_DELAY_S = 0.02  # token counts (and late releases) gathered this long into one pipeline
 FAILURES = (RedisError, OSError, TimeoutError)
 
 # Drop entries of log KEYS[z] scored at or below `upto` (a number or "(number") and take their
@@ -295,6 +298,20 @@ class SharedKeyLimits:
             retry_after_s=retry_s,
             code="rate_limit_exceeded",
         )
+
+    async def release_now(self, key: str, lease: str) -> None:
+        """Give `lease` back in one round trip (a failure leaves it to its TTL)."""
+        if self.live.pop(lease, None) is None:
+            return
+        if not self.up and time.monotonic() < self._skip_until:
+            return  # Redis was down a moment ago: the lease's TTL frees it
+        try:
+            await self._release(keys=lease_keys(key), args=[lease])
+        except FAILURES as exc:
+            self._failed("limits_release", exc)
+            return
+        if not self.up:
+            self._reached()
 
     def release(self, key: str, lease: str) -> None:
         """Give `lease` back (sent by the background task; never renewed again)."""

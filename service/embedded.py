@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from service.affinity import format_cpu_list, usable_cpus
-from service.config import GatewaySettings
+from service.config import GatewaySettings, StartupError
 from service.graph.schema import EnsembleNode, GraphConfig, ModelNode, RouterNode, load_graph
 from service.internal_auth import SECRET_ENV, write_secret_file
 
@@ -577,6 +577,12 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
     from service.serving import Lifecycle, serve
 
     settings = GatewaySettings(config=config_path, host=host, port=port)
+    if settings.processes != 1:
+        # Its children would need the workers' URLs, which exist only in this process.
+        raise StartupError(
+            "octograph up runs one gateway process; OCTOGRAPH_PROCESSES is for `octograph "
+            "gateway --processes N` in front of workers started on their own"
+        )
     check_exposure(settings)  # before any worker starts
     setup_logging(settings.log_level, settings.log_json)
     graph = load_graph(config_path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from service.embedded import Backoff, Supervisor, WorkerProcess, worker_base_env
 from tests.conftest import free_port
@@ -216,3 +217,17 @@ def test_up_secret_env_and_restart_of_a_killed_worker(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_up_refuses_several_gateway_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`octograph up` serves one gateway process: OCTOGRAPH_PROCESSES is refused, not ignored."""
+    from service.config import StartupError
+    from service.embedded import run_embedded
+
+    config = tmp_path / "graph.yaml"
+    config.write_text(CONFIG)
+    monkeypatch.setenv("OCTOGRAPH_PROCESSES", "2")
+    with pytest.raises(StartupError, match="one gateway process"):
+        run_embedded(config, host="127.0.0.1", port=free_port())

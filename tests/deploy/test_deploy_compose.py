@@ -36,7 +36,13 @@ def test_compose_is_valid_and_profiles_split_cpu_from_gpu(tools: Tools) -> None:
     compose = tools.get("docker-compose")
     default = run([compose, "-f", "docker-compose.yml", "config", "--services"], env=KEYS_ENV)
     assert default.returncode == 0, default.stderr
-    assert set(default.stdout.split()) == {*ONE_SHOTS, *CPU_WORKERS, "gateway", "prometheus"}
+    assert set(default.stdout.split()) == {
+        *ONE_SHOTS,
+        *CPU_WORKERS,
+        "gateway",
+        "prometheus",
+        "redis",
+    }
     gpu = run(
         [compose, "-f", "docker-compose.yml", "--profile", "gpu", "config", "--services"],
         env=KEYS_ENV,
@@ -208,3 +214,22 @@ def test_prometheus_scrapes_every_octograph_service(services: dict[str, Any]) ->
         assert host in services and port in services[host]["expose"], t
     # Prometheus sits on the workers' internal network, or it could not reach them.
     assert "backend" in prom["networks"]
+
+
+@pytest.mark.parametrize("gateway", ["gateway", "gateway-gpu"])
+def test_gateways_share_limits_through_the_redis_service(
+    services: dict[str, Any], gateway: str
+) -> None:
+    """The per-key limits live in the `redis` service (service/gateway/shared/limits.py): every
+    gateway points at it and waits for it; it is on the internal network only and keeps
+    nothing on disk."""
+    gw = services[gateway]
+    assert gw["environment"]["OCTOGRAPH_REDIS_URL"] == "redis://redis:6379/0"
+    assert gw["depends_on"]["redis"]["condition"] == "service_healthy"
+    redis = services["redis"]
+    assert list(redis["networks"]) == ["backend"] and not redis.get("ports")
+    args = redis["command"]
+    assert args[0] == "redis-server"
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert not redis.get("profiles"), "the default profile needs it"

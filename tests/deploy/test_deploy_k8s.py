@@ -584,3 +584,65 @@ def test_deployed_graphs_have_the_local_nodes() -> None:
         nodes = set(yaml.safe_load((ROOT / rel).read_text())["nodes"])
         missing = routed - nodes
         assert not missing, f"{rel} lacks routed nodes of configs/local.yaml: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------ shared limits (Redis)
+
+
+def test_gateway_replicas_share_limits_through_redis(overlay: Rendered) -> None:
+    """Several gateway replicas keep their per-key limits in one Redis (issue 22): the overlay
+    renders it (a StatefulSet of one: never two servers splitting the counts during a rollout)
+    with its Service, the gateway reads OCTOGRAPH_REDIS_URL from a Secret that points at it,
+    and only the gateway pods reach it."""
+    import base64
+
+    gw = gateway(overlay)
+    assert gw["spec"]["replicas"] >= 2
+    env = next(
+        e
+        for e in gw["spec"]["template"]["spec"]["containers"][0]["env"]
+        if e["name"] == "OCTOGRAPH_REDIS_URL"
+    )
+    ref = env["valueFrom"]["secretKeyRef"]
+    secret = overlay.by_prefix("Secret", "octograph-redis-")
+    assert ref["name"] == secret["metadata"]["name"]
+    url = base64.b64decode(secret["data"][ref["key"]]).decode()
+    assert url == "redis://octograph-redis:6379/0"
+
+    redis = overlay.get("StatefulSet", "octograph-redis")
+    assert redis["spec"]["replicas"] == 1
+    service = overlay.get("Service", "octograph-redis")
+    redis_labels = pod_labels(redis)
+    assert labels_match(service["spec"]["selector"], redis_labels)
+    assert [p["port"] for p in service["spec"]["ports"]] == [6379]
+    spec = redis["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (c,) = spec["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= set(c["resources"]["limits"])
+    args = c["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+
+    # Redis: ingress from the gateway pods on 6379 only, no egress at all.
+    gw_labels = pod_labels(gw)
+    (policy,) = [p for p in _policies_for(overlay, redis_labels) if p["spec"]["podSelector"]]
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    assert not policy["spec"].get("egress")
+    for rule in policy["spec"]["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == [6379]
+        for peer in rule["from"]:
+            assert not peer.get("namespaceSelector") and "ipBlock" not in peer
+            assert labels_match(peer["podSelector"]["matchLabels"], gw_labels)
+            assert not labels_match(peer["podSelector"]["matchLabels"], redis_labels)
+    # The gateway may reach it (its own policy allows that egress).
+    gw_egress = [
+        rule for p in _policies_for(overlay, gw_labels) for rule in p["spec"].get("egress", [])
+    ]
+    assert any(
+        any(labels_match(peer.get("podSelector", {}).get("matchLabels", {}), redis_labels)
+            for peer in rule.get("to", []))
+        and [p["port"] for p in rule["ports"]] == [6379]
+        for rule in gw_egress
+    )  # fmt: skip

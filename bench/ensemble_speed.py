@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -61,16 +62,35 @@ _original_call = PoolReducer._call
 
 async def _timed_call(self: PoolReducer, queries: list[Any]) -> Any:
     t0 = time.perf_counter()
+    fetched = self.fetched
     try:
         return await _original_call(self, queries)
     finally:
-        entry = CALLS.setdefault(self.pool.name, {"calls": 0, "queries": 0, "seconds": 0.0})
+        seconds = time.perf_counter() - t0
+        entry = CALLS.setdefault(
+            self.pool.name,
+            {
+                "calls": 0,
+                "queries": 0,
+                "seconds": 0.0,
+                "fetching_calls": 0,
+                "rows": 0,
+                "fetching_seconds": 0.0,
+            },
+        )
         entry["calls"] += 1
         entry["queries"] += len(queries)
-        entry["seconds"] += time.perf_counter() - t0
+        entry["seconds"] += seconds
+        if self.fetched > fetched:  # the call waited on the model: one engine step or more
+            entry["fetching_calls"] += 1
+            entry["rows"] += self.fetched - fetched
+            entry["fetching_seconds"] += seconds
 
 
 PoolReducer._call = _timed_call  # type: ignore[method-assign]
+
+# --speculate-with, when given (a list: set once from the command line).
+SPECULATE_WITH: list[str] = []
 
 # One prompt per sample, so no sample finds its prompt's paths cached by an earlier one.
 PROMPTS = (
@@ -122,6 +142,8 @@ async def ensemble_speed(
     urls: dict[str, str],
     max_bytes: int,
     prune: float | None,
+    speculate: int | None,
+    speculate_min_p: float | None,
     seed: int,
     prompt: str,
 ) -> dict[str, Any]:
@@ -138,6 +160,12 @@ async def ensemble_speed(
     runner = EnsembleRunner(graph, pools, metrics)
     if prune is not None:
         runner.prune = prune
+    if speculate is not None:
+        runner.speculate = speculate
+    if speculate_min_p is not None:
+        runner.speculate_min_p = speculate_min_p
+    if SPECULATE_WITH:
+        runner.speculate_with = SPECULATE_WITH[0]
     for m in node.members:  # tokenizer tables load once per gateway, not per request
         await runner.assets.get(m.model)
     # The request as the gateway plans it, run through the ensemble runner's seam.
@@ -148,6 +176,7 @@ async def ensemble_speed(
     target = Target(node_id, node, None, {"route": [node_id], "scores": []})
     scope = RequestScope()
     text = ""
+    first_byte: float | None = None
     CALLS.clear()
     t0 = time.perf_counter()
     answer = await runner.open(plan, target, scope)
@@ -157,6 +186,8 @@ async def ensemble_speed(
     assert answer.events is not None
     async for ev in answer.events:
         if ev["type"] == "delta":
+            if first_byte is None:
+                first_byte = time.perf_counter() - t0
             text += ev.get("text", "")
     seconds = time.perf_counter() - t0
     await scope.aclose()
@@ -167,10 +198,16 @@ async def ensemble_speed(
         "node": node_id,
         "seed": seed,
         "prune": runner.prune,
+        "speculate": {
+            m.model: runner.speculate if m.speculate is None else m.speculate for m in node.members
+        },
+        "speculate_min_p": runner.speculate_min_p,
+        "speculate_with": runner.speculate_with,
         "bytes": n,
         "seconds": seconds,
         "bytes_per_s": n / seconds,
         "open_seconds": t_open,
+        "first_byte_seconds": first_byte,
         "open_byte_dist": open_calls,
         "text": text,
         "byte_dist": {m: dict(v) for m, v in CALLS.items()},
@@ -203,20 +240,30 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # Samples interleave members and ensemble, so drift in the machine's speed hits both.
         members: list[dict[str, Any]] = []
         samples: list[dict[str, Any]] = []
+        compared: list[dict[str, Any]] = []
         for i in range(args.samples):
             for m in node.members:
                 members.append(await token_speed(urls[m.model], m.model, args.tokens, i))
-            samples.append(
-                await ensemble_speed(
-                    graph,
-                    args.node,
-                    urls,
-                    args.bytes,
-                    args.prune,
-                    args.seed + i,
-                    PROMPTS[i % len(PROMPTS)],
+            runs = [(samples, args.speculate, args.seed + i)]
+            if args.compare_speculate is not None:
+                # Its own seed (a repeated one would find the first run's paths cached), and
+                # first on every other sample (the second run finds the prompt's paths cached).
+                other = (compared, args.compare_speculate, args.seed + i + 50_000)
+                runs = [other, *runs] if i % 2 == 0 else [*runs, other]
+            for into, speculate, seed in runs:
+                into.append(
+                    await ensemble_speed(
+                        graph,
+                        args.node,
+                        urls,
+                        args.bytes,
+                        args.prune,
+                        speculate,
+                        args.speculate_min_p,
+                        seed,
+                        PROMPTS[i % len(PROMPTS)],
+                    )
                 )
-            )
     finally:
         if procs:
             stop_workers(procs)
@@ -225,7 +272,24 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     ens = _pooled(samples)
     steady_seconds = sum(e["seconds"] - e["open_seconds"] for e in samples)
     steady = ens["bytes"] / max(steady_seconds, 1e-9)
+    first_bytes = [e["first_byte_seconds"] for e in samples if e["first_byte_seconds"]]
+    comparison = None
+    if compared:
+        other = _pooled(compared)
+        other_first = [e["first_byte_seconds"] for e in compared if e["first_byte_seconds"]]
+        comparison = {
+            "speculate": args.compare_speculate,
+            "samples": compared,
+            "ensemble_pooled": other,
+            "ratio": other["bytes_per_s"] / pooled[slower]["bytes_per_s"],
+            "byte_dist_pooled": _pooled_calls(compared),
+            "first_byte_seconds_mean": sum(other_first) / max(len(other_first), 1),
+        }
     return {
+        "comparison": comparison,
+        "executor": os.environ.get("OCTOGRAPH_WORKER_EXECUTOR", "uni (role_settings)"),
+        "byte_dist_pooled": _pooled_calls(samples),
+        "first_byte_seconds_mean": sum(first_bytes) / max(len(first_bytes), 1),
         "members": members,
         "members_pooled": pooled,
         "samples": samples,
@@ -235,6 +299,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "steady_bytes_per_s": steady,
         "steady_ratio": steady / pooled[slower]["bytes_per_s"],
     }
+
+
+def _pooled_calls(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Byte-dist calls per member summed over the samples, with the worker's counts."""
+    out: dict[str, dict[str, float]] = {}
+    for e in samples:
+        for model, c in e["byte_dist"].items():
+            entry = out.setdefault(model, {})
+            for k, v in c.items():
+                entry[k] = entry.get(k, 0.0) + v
+        for model, t in e["trees"].items():
+            entry = out.setdefault(model, {})
+            for k in ("new_paths", "speculated", "speculation_hits", "steps"):
+                entry[k] = entry.get(k, 0.0) + t.get(k, 0.0)
+    return out
 
 
 def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -269,8 +348,37 @@ def main() -> int:
         default=3,
         help="ensemble texts (seeds seed, seed+1, ...) and member runs, interleaved; pooled",
     )
+    p.add_argument(
+        "--speculate",
+        type=int,
+        default=None,
+        help="override the runner's children speculated per new path (0: off) for members "
+        "that do not set their own",
+    )
+    p.add_argument(
+        "--speculate-min-p",
+        type=float,
+        default=None,
+        help="override the share of the mass a speculated child's token needs",
+    )
+    p.add_argument(
+        "--speculate-with",
+        choices=("step", "background"),
+        default=None,
+        help="speculated children ride in a needed engine step, or run on their own",
+    )
+    p.add_argument(
+        "--compare-speculate",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also run each sample's ensemble with speculate N (own seed, order alternating), "
+        "pooled and printed beside the main figures",
+    )
     p.add_argument("--url", action="append", default=[], metavar="MODEL=URL")
     args = p.parse_args()
+    if args.speculate_with:
+        SPECULATE_WITH.append(args.speculate_with)
     result = asyncio.run(main_async(args))
     for m in result["members"]:
         print(
@@ -286,6 +394,19 @@ def main() -> int:
         f"pooled ensemble         : {e['bytes_per_s']:7.1f} bytes/s "
         f"({e['bytes']} bytes in {e['seconds']:.1f}s)"
     )
+    comparison = result["comparison"]
+    if comparison is not None:
+        for e in comparison["samples"]:
+            print_sample(e)
+        print_calls(comparison["byte_dist_pooled"], f"speculate {comparison['speculate']} ")
+        c = comparison["ensemble_pooled"]
+        print(
+            f"pooled ensemble, speculate {comparison['speculate']}: {c['bytes_per_s']:7.1f} "
+            f"bytes/s, ratio {comparison['ratio']:.3f}, first byte "
+            f"{comparison['first_byte_seconds_mean']:.2f}s"
+        )
+    print_calls(result["byte_dist_pooled"], "")
+    print(f"time to first byte (mean)  : {result['first_byte_seconds_mean']:.2f}s")
     print(
         f"ratio ensemble / slower member ({result['slower_member']}): {result['ratio']:.3f} "
         f"end to end; {result['steady_ratio']:.3f} after the first distribution "
@@ -297,11 +418,29 @@ def main() -> int:
     return 0
 
 
+def print_calls(calls: dict[str, dict[str, float]], label: str) -> None:
+    """Per member: calls, those that waited on the model (rows each: the batch size), time."""
+    for model, c in calls.items():
+        fetching = max(c.get("fetching_calls", 0.0), 1.0)
+        plain = max(c["calls"] - c.get("fetching_calls", 0.0), 1.0)
+        print(
+            f"pooled byte-dist {label}{model:<10}: {int(c['calls'])} calls, "
+            f"{int(c.get('fetching_calls', 0))} waited on the model "
+            f"({c.get('rows', 0) / fetching:.2f} rows each, "
+            f"{1000 * c.get('fetching_seconds', 0) / fetching:.0f} ms each; the others "
+            f"{1000 * (c['seconds'] - c.get('fetching_seconds', 0)) / plain:.0f} ms); "
+            f"{int(c.get('new_paths', 0))} new paths, {int(c.get('speculated', 0))} speculated, "
+            f"{int(c.get('speculation_hits', 0))} of them used"
+        )
+
+
 def print_sample(e: dict[str, Any]) -> None:
     print(
         f"ensemble {e['node']:<8} seed {e['seed']}: {e['bytes']:5d} bytes in {e['seconds']:6.2f}s "
         f"= {e['bytes_per_s']:7.1f} bytes/s (first distribution after {e['open_seconds']:.2f}s, "
-        f"prune {e['prune']:g})"
+        f"prune {e['prune']:g}, speculate {e['speculate']} (min p "
+        f"{e['speculate_min_p']:g}, {e['speculate_with']}), first byte after "
+        f"{e['first_byte_seconds'] or 0:.2f}s)"
     )
     for model, c in e["byte_dist"].items():
         o = e["open_byte_dist"].get(model, {"calls": 0, "seconds": 0.0})

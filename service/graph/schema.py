@@ -171,6 +171,13 @@ class RouterNode(Strict):
 class EnsembleMember(Strict):
     model: str
     weight: float = Field(1.0, gt=0.0)
+    speculate: int | None = Field(
+        None,
+        ge=0,
+        le=8,
+        description="children per query the member's worker fetches ahead, in the "
+        "background (0: none; unset: the gateway's default, see runners/ensemble.py)",
+    )
 
 
 class EnsembleNode(Strict):

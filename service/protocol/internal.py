@@ -115,6 +115,26 @@ class ByteDistRequest(InternalModel):
         description="also return each query's full next-token distribution (tests, debugging; "
         "at most 8 queries, ~1 MB each for a 262k vocabulary)",
     )
+    speculate: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="also fetch, in the background (one engine step), up to this many of each "
+        "query's likeliest children (the path plus a token extending the partial bytes), for "
+        "later requests (service/worker/byte_dist.py)",
+    )
+    speculate_min_p: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="speculate only children whose token holds at least this share of the "
+        "mass of the tokens extending the partial bytes",
+    )
+    speculate_with: Literal["step", "background"] = Field(
+        "background",
+        description="step: children of the cached paths ride in the engine step of a path this "
+        "request needs (none when it needs none); background: after answering, on their own",
+    )
 
 
 class ByteDistResult(InternalModel):
@@ -135,6 +155,10 @@ class ByteDistResult(InternalModel):
 
 class ByteDistResponse(InternalModel):
     results: list[ByteDistResult]
+    # What the request cost the engine (the gateway's counters and the bench read them).
+    fetched: int = Field(0, description="paths this request computed (engine rows waited for)")
+    speculated: int = Field(0, description="children it fetched ahead (speculation)")
+    speculation_hits: int = Field(0, description="its paths that speculation had fetched")
 
 
 class WorkerInfo(InternalModel):

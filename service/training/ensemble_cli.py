@@ -47,6 +47,19 @@ def add_ensemble_commands(sub: Any) -> None:
         default=0.0,
         help="drop covers below this fraction of the prefix mass (0: exact)",
     )
+    ev.add_argument(
+        "--speculate",
+        type=int,
+        default=0,
+        help="children of each new path the workers fetch ahead (the gateway's speculation; "
+        "0: off). It changes which engine step computes a row, never the scores",
+    )
+    ev.add_argument(
+        "--speculate-min-p",
+        type=float,
+        default=None,
+        help="share of the mass a speculated child's token needs (default: the gateway's)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_eval)
 
@@ -72,6 +85,7 @@ def _read_text(path: Path, max_bytes: int | None) -> bytes:
 
 def _eval(args: argparse.Namespace) -> int:
     from service.embedded import WorkerProcess, start_workers, stop_workers, wait_ready
+    from service.gateway.runners.ensemble import DEFAULT_SPECULATE_MIN_P
     from service.gateway.runners.ensemble_assets import load_member_assets
     from service.graph.schema import load_graph
     from service.models.resolve import resolve_model_dir
@@ -110,7 +124,11 @@ def _eval(args: argparse.Namespace) -> int:
         if procs:
             wait_ready(procs)
             urls.update({p.name: p.url for p in procs})
-        oracles = {m: WorkerOracle(urls[m]) for m, _ in members}
+        min_p = DEFAULT_SPECULATE_MIN_P if args.speculate_min_p is None else args.speculate_min_p
+        oracles = {
+            m: WorkerOracle(urls[m], speculate=args.speculate, speculate_min_p=min_p)
+            for m, _ in members
+        }
         plan = []
         for model, _ in members:
             start = assets[model].prompts.start_id
@@ -118,12 +136,22 @@ def _eval(args: argparse.Namespace) -> int:
                 (model, assets[model].table, oracles[model], [start] if start is not None else [])
             )
         scores, wall = score_members(plan, text, args.prune)
+        worker_counts = {
+            m: {
+                "fetched": o.fetched,
+                "speculated": o.speculated,
+                "speculation_hits": o.speculation_hits,
+            }
+            for m, o in oracles.items()
+        }
         for o in oracles.values():
             o.close()
     finally:
         if procs:
             stop_workers(procs)
     report = _report(args.node, mode, members, scores, text, wall, ensemble_nats, bits_per_byte)
+    for entry in report["members"]:
+        entry.update(worker_counts[entry["model"]])
     if args.json:
         _say(json.dumps(report, indent=2))
     else:

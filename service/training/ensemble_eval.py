@@ -40,19 +40,37 @@ CHUNK_BYTES = 16
 class WorkerOracle:
     """A synchronous `ReductionOracle` over one worker's HTTP endpoint (for the CLI/bench)."""
 
-    def __init__(self, url: str, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 600.0,
+        *,
+        speculate: int = 0,
+        speculate_min_p: float = 0.0,
+    ) -> None:
         self.url = url.rstrip("/")
+        self.speculate = speculate  # background speculation (service/worker/byte_dist.py)
+        self.speculate_min_p = speculate_min_p
         self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False)
         self.calls = 0
         self.queries = 0
         self.seconds = 0.0
+        # The worker's account of the calls (ByteDistResponse).
+        self.fetched = 0
+        self.speculated = 0
+        self.speculation_hits = 0
 
     def reduce(self, queries: Sequence[ReductionQuery]) -> list[Reduction]:
         out: list[Reduction] = []
         t0 = time.perf_counter()
         for i in range(0, len(queries), MAX_QUERIES_PER_CALL):
             part = list(queries[i : i + MAX_QUERIES_PER_CALL])
-            body = ByteDistRequest(request_id=f"eval-{self.calls}", queries=to_wire(part))
+            body = ByteDistRequest(
+                request_id=f"eval-{self.calls}",
+                queries=to_wire(part),
+                speculate=self.speculate,
+                speculate_min_p=self.speculate_min_p,
+            )
             r = self.http.post(
                 f"{self.url}/internal/byte-dist",
                 content=body.model_dump_json().encode(),
@@ -60,7 +78,11 @@ class WorkerOracle:
             )
             if r.status_code != 200:
                 raise error_from_status(r.status_code, r.text[:500])
-            out += [from_wire(x) for x in ByteDistResponse.model_validate_json(r.content).results]
+            answer = ByteDistResponse.model_validate_json(r.content)
+            out += [from_wire(x) for x in answer.results]
+            self.fetched += answer.fetched
+            self.speculated += answer.speculated
+            self.speculation_hits += answer.speculation_hits
             self.calls += 1
             self.queries += len(part)
         self.seconds += time.perf_counter() - t0

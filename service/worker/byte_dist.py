@@ -13,6 +13,18 @@ another one.
 The reductions (a pass over the vocabulary for `partial == ""`: 262k values for Gemma-3) run
 in a worker thread, one hand-off per request, so the event loop keeps streaming tokens for
 ordinary generation meanwhile.
+
+Speculation (`ByteDistRequest.speculate` = k, `speculate_min_p` = p): after answering, the
+worker fetches in the background, in one engine step, the likeliest children of each query's
+path: the path plus one of the k most probable tokens that extend the query's partial bytes,
+if that token holds at least p of the mass of all tokens extending them. The rows go into the
+same LRU. A covering tree's next new path is, most of the time, a child of a path it queries
+now (it becomes a node when the text completes that token, a byte or a few later), and each
+byte narrows the partial and sharpens the guess; fetched while the member's engine would
+otherwise idle through the cache hits of those bytes, the child is there when the text reaches
+it. Exactness is untouched: a row is the model's distribution after that path whoever asked
+for it, and a speculated path the text never reaches is only evicted. A request that needs a
+path still being speculated waits for that fetch (and fetches it itself if it failed).
 """
 
 from __future__ import annotations
@@ -39,6 +51,11 @@ FetchDistributions = Callable[[list[list[int]]], Awaitable[list[Float32Array]]]
 
 # include_logprobs ships whole vectors (~1 MB each for Gemma-3): a debugging aid, kept small.
 MAX_QUERIES_WITH_LOGPROBS = 8
+# Speculated paths in flight at once (all requests together): past it, new speculation is
+# skipped, so background rows never pile up in front of the forwards requests wait for.
+MAX_SPECULATED_IN_FLIGHT = 16
+# Speculated paths remembered (not their rows: those live in the LRU) to count hits.
+MAX_SPECULATED_REMEMBERED = 4096
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,10 @@ class ByteDistStats:
     forwards: int = 0  # distinct paths fetched from the model: the cost that matters
     cache_hits: int = 0
     shared_fetches: int = 0  # paths another request was already fetching
+    speculated: int = 0  # children fetched in the background (`speculate`)
+    speculation_hits: int = 0  # paths a request found speculated (cached or in flight)
+    speculation_skipped: int = 0  # children not speculated: too many in flight
+    speculation_failures: int = 0  # background fetches that failed (the asker fetches again)
 
 
 class PreparedCache:
@@ -67,6 +88,9 @@ class PreparedCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._items
 
     def get(self, path: Path) -> Prepared | None:
         prepared = self._items.get(path)
@@ -104,6 +128,10 @@ class ByteDistScorer:
         self.cache = PreparedCache(cache_bytes)
         self.stats = ByteDistStats()
         self._inflight: dict[Path, asyncio.Future[Prepared]] = {}
+        # Speculated paths not yet asked for (insertion order: the oldest are forgotten first).
+        self._speculated: OrderedDict[Path, None] = OrderedDict()
+        self._speculating = 0  # speculated paths in flight
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- validation -----------------------------------------------------------------------------
     def parse(self, request: ByteDistRequest) -> list[ParsedQuery]:
@@ -152,15 +180,48 @@ class ByteDistScorer:
             for path, prep in prepared.items():
                 self.cache.put(path, prep)
             return ByteDistResponse(results=results)
-        preps = await self._prepared(paths)
-        results = await asyncio.to_thread(self._reduce_all, queries, preps)
-        return ByteDistResponse(results=results)
+        in_step = request.speculate > 0 and request.speculate_with == "step"
+        preps, fetched, hits, speculated = await self._prepared(
+            paths,
+            queries if in_step else (),
+            request.speculate,
+            request.speculate_min_p,
+        )
+        results, guesses = await asyncio.to_thread(
+            self._reduce_all,
+            queries,
+            preps,
+            0 if in_step else request.speculate,
+            request.speculate_min_p,
+        )
+        speculated += self._speculate(guesses)
+        return ByteDistResponse(
+            results=results,
+            fetched=len(fetched),
+            speculated=speculated,
+            speculation_hits=len(hits),
+        )
 
-    async def _prepared(self, paths: Sequence[Path]) -> dict[Path, Prepared]:
+    async def _prepared(
+        self,
+        paths: Sequence[Path],
+        guess_from: Sequence[ParsedQuery] = (),
+        per_query: int = 0,
+        min_probability: float = 0.0,
+    ) -> tuple[dict[Path, Prepared], list[Path], list[Path], int]:
+        """Prepared rows of `paths`: (rows, the paths this call fetched, the paths speculation
+        had fetched or was fetching, how many children it speculated).  When some path needs
+        a forward, the likeliest children of the `guess_from` queries whose paths are cached
+        go into the same engine step ("step" speculation)."""
         found: dict[Path, Prepared] = {}
         waiting: dict[Path, asyncio.Future[Prepared]] = {}
         missing: list[Path] = []
+        hits: list[Path] = []
         for path in paths:
+            if path in self._speculated:
+                del self._speculated[path]
+                if path in self._inflight or path in self.cache:
+                    hits.append(path)
             cached = self.cache.get(path)
             if cached is not None:
                 found[path] = cached
@@ -170,6 +231,37 @@ class ByteDistScorer:
                 self.stats.shared_fetches += 1
             else:
                 missing.append(path)
+        self.stats.speculation_hits += len(hits)
+        extra: list[Path] = []
+        if missing and guess_from and per_query > 0:
+            asked = [q for q in guess_from if q.path in found]
+            _, guesses = await asyncio.to_thread(
+                self._reduce_all, asked, found, per_query, min_probability, False
+            )
+            wanted = set(missing)
+            extra = [g for g in guesses if g not in wanted][:MAX_SPECULATED_IN_FLIGHT]
+            for child in extra:
+                self._speculated[child] = None
+            while len(self._speculated) > MAX_SPECULATED_REMEMBERED:
+                self._speculated.popitem(last=False)
+            self.stats.speculated += len(extra)
+        if missing:
+            fetched_now = await self._fetch_new(missing + extra)
+            found.update({p: fetched_now[p] for p in missing})
+        retry: list[Path] = []
+        for path, fut in waiting.items():
+            # shield: this request giving up must not cancel the fetch another one owns.
+            try:
+                found[path] = await asyncio.shield(fut)
+            except SpeculationFailed:
+                retry.append(path)  # speculation's failure is not this request's
+        if retry:
+            found.update(await self._fetch_new(retry))
+        return found, missing + retry, hits, len(extra)
+
+    async def _fetch_new(self, missing: list[Path]) -> dict[Path, Prepared]:
+        """Fetch `missing` (none cached or in flight), registered as in flight meanwhile."""
+        found: dict[Path, Prepared] = {}
         if missing:
             loop = asyncio.get_running_loop()
             futures = {path: loop.create_future() for path in missing}
@@ -197,10 +289,56 @@ class ByteDistScorer:
                 self.cache.put(path, prep)
                 futures[path].set_result(prep)
                 found[path] = prep
-        for path, fut in waiting.items():
-            # shield: this request giving up must not cancel the fetch another one owns.
-            found[path] = await asyncio.shield(fut)
         return found
+
+    # -- speculation ----------------------------------------------------------------------------
+    def _speculate(self, guesses: list[Path]) -> int:
+        """Start the background fetch of `guesses` (one engine step); returns how many paths
+        it started."""
+        # Checked again: another request may have started one meanwhile.
+        children = [c for c in guesses if c not in self._inflight and c not in self.cache]
+        room = MAX_SPECULATED_IN_FLIGHT - self._speculating
+        if len(children) > room:
+            self.stats.speculation_skipped += len(children) - max(room, 0)
+            children = children[: max(room, 0)]
+        if not children:
+            return 0
+        loop = asyncio.get_running_loop()
+        futures = {child: loop.create_future() for child in children}
+        for child, fut in futures.items():
+            fut.add_done_callback(_consume_exception)
+            self._inflight[child] = fut
+            self._speculated[child] = None
+        while len(self._speculated) > MAX_SPECULATED_REMEMBERED:
+            self._speculated.popitem(last=False)
+        self._speculating += len(children)
+        self.stats.speculated += len(children)
+        task = asyncio.create_task(self._fetch_speculated(futures))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return len(children)
+
+    async def _fetch_speculated(self, futures: dict[Path, asyncio.Future[Prepared]]) -> None:
+        paths = list(futures)
+        try:
+            rows = await self._fetch([list(p) for p in paths])
+            self.stats.forwards += len(paths)
+            fresh = await asyncio.to_thread(self._prepare_rows, paths, rows)
+        except BaseException as exc:  # noqa: BLE001 - a background task: nobody else sees it
+            self.stats.speculation_failures += 1
+            for fut in futures.values():
+                if not fut.done():
+                    fut.set_exception(SpeculationFailed(str(exc) or type(exc).__name__))
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for path, prep in fresh.items():
+                self.cache.put(path, prep)
+                futures[path].set_result(prep)
+        finally:
+            self._speculating -= len(paths)
+            for path in paths:
+                self._inflight.pop(path, None)
 
     def _prepare_rows(
         self, paths: Sequence[Path], rows: Sequence[Float32Array]
@@ -211,9 +349,36 @@ class ByteDistScorer:
         }
 
     def _reduce_all(
-        self, queries: Sequence[ParsedQuery], preps: dict[Path, Prepared]
-    ) -> list[ByteDistResult]:
-        return [self._result(preps[q.path], q.partial) for q in queries]
+        self,
+        queries: Sequence[ParsedQuery],
+        preps: dict[Path, Prepared],
+        per_query: int = 0,
+        min_probability: float = 0.0,
+        answer: bool = True,
+    ) -> tuple[list[ByteDistResult], list[Path]]:
+        """The answers (with `answer`), and the children worth speculating: for each query,
+        up to `per_query` of the tokens that extend its partial bytes, each holding at least
+        `min_probability` of the mass of those tokens, not already cached or in flight."""
+        results = [self._result(preps[q.path], q.partial) for q in queries] if answer else []
+        if per_query <= 0:
+            return results, []
+        scored: list[tuple[float, Path]] = []
+        for q in dict.fromkeys(queries):
+            shares = extension_shares(
+                self.table, preps[q.path], q.partial, per_query, min_probability
+            )
+            for token, share in shares:
+                child = (*q.path, token)
+                if (
+                    token < self.token_id_limit
+                    and len(child) < self.max_model_len
+                    and child not in self._inflight
+                    and child not in self.cache
+                ):
+                    scored.append((share, child))
+        # Surest first: past the in-flight bound, the doubtful guesses are the ones left out.
+        scored.sort(key=lambda item: -item[0])
+        return results, list(dict.fromkeys(child for _, child in scored))
 
     def _reduce_fresh(
         self, queries: Sequence[ParsedQuery], rows: dict[Path, Float32Array]
@@ -236,6 +401,52 @@ class ByteDistScorer:
             if token_id is not None:
                 exact[c] = [float(token_id), float(reduction.exact_lp[c])]
         return ByteDistResult(cont_lp=reduction.cont_lp.tolist(), exact=exact)
+
+
+class SpeculationFailed(Exception):
+    """A background fetch failed; whoever waited on it fetches the path itself."""
+
+
+def likeliest_extensions(
+    table: TokenByteTable,
+    prepared: Prepared,
+    partial: bytes,
+    count: int,
+    min_probability: float = 0.0,
+) -> list[int]:
+    """Ids of the `count` most probable tokens whose bytes strictly extend `partial` (the
+    tokens that complete a child of the path a few bytes on), most probable first, keeping
+    those that hold at least `min_probability` of the mass of all such tokens."""
+    return [t for t, _ in extension_shares(table, prepared, partial, count, min_probability)]
+
+
+def extension_shares(
+    table: TokenByteTable,
+    prepared: Prepared,
+    partial: bytes,
+    count: int,
+    min_probability: float = 0.0,
+) -> list[tuple[int, float]]:
+    """`likeliest_extensions` with each token's share of the mass of the extending tokens."""
+    lo, hi = table.prefix_range(partial)
+    if count <= 0 or lo >= hi:
+        return []
+    values = prepared.sorted_lp[lo:hi]
+    longer = table.sorted_lens[lo:hi] > len(partial)
+    candidates = np.flatnonzero(longer & np.isfinite(values))
+    if candidates.size == 0:
+        return []
+    mass = values[candidates]
+    top = float(mass.max())
+    total = top + math.log(float(np.exp(mass - top).sum()))
+    if candidates.size > count:
+        best = np.argpartition(-mass, count - 1)[:count]
+        candidates, mass = candidates[best], mass[best]
+    order = np.argsort(-mass, kind="stable")
+    shares = np.exp(mass[order] - total)
+    keep = shares >= min_probability
+    ids = table.sorted_ids[lo + candidates[order][keep]]
+    return [(int(t), float(p)) for t, p in zip(ids, shares[keep], strict=True)]
 
 
 def normalised_logprobs(row: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:

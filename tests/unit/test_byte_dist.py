@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import httpx
 import numpy as np
@@ -19,7 +20,12 @@ from service.errors import BadRequest, ContextLengthExceeded, DeadlineExceeded
 from service.protocol.internal import ByteDistRequest, ByteDistResponse, ByteQuery
 from service.serving import Lifecycle
 from service.worker.app import build_worker_app
-from service.worker.byte_dist import ByteDistScorer, decode_logprobs
+from service.worker.byte_dist import (
+    MAX_SPECULATED_IN_FLIGHT,
+    ByteDistScorer,
+    decode_logprobs,
+    likeliest_extensions,
+)
 from service.worker.fake_engine import (
     FAKE_BYTE_STOP_ID,
     FAKE_BYTE_TOKENS,
@@ -41,17 +47,22 @@ class Source:
         self.model = HashModel(vocab_size, seed=7, order=3)
         self.calls: list[list[tuple[int, ...]]] = []
         self.gate: asyncio.Event | None = None
+        self.gate_from = 0  # calls before this one pass the gate
         self.fail: Exception | None = None
+        self.fail_once = False
 
     def row(self, path: Sequence[int]) -> NDArray[np.float32]:
         return self.model.one(tuple(path)).astype(np.float32)
 
     async def __call__(self, prefixes: list[list[int]]) -> list[NDArray[np.float32]]:
         self.calls.append([tuple(p) for p in prefixes])
-        if self.gate is not None:
+        if self.gate is not None and len(self.calls) > self.gate_from:
             await self.gate.wait()
         if self.fail is not None:
-            raise self.fail
+            failure = self.fail
+            if self.fail_once:
+                self.fail = None
+            raise failure
         return [self.row(p) for p in prefixes]
 
 
@@ -62,11 +73,18 @@ def make_scorer(kind: str, **kwargs: int) -> tuple[ByteDistScorer, Source, Token
     return ByteDistScorer(table, source, **options), source, table
 
 
-def request(*queries: tuple[list[int], bytes], include_logprobs: bool = False) -> ByteDistRequest:
+def request(
+    *queries: tuple[list[int], bytes],
+    include_logprobs: bool = False,
+    speculate: int = 0,
+    speculate_with: Literal["step", "background"] = "background",
+) -> ByteDistRequest:
     return ByteDistRequest(
         request_id="r",
         queries=[ByteQuery(token_ids=ids, partial=p.hex()) for ids, p in queries],
         include_logprobs=include_logprobs,
+        speculate=speculate,
+        speculate_with=speculate_with,
     )
 
 
@@ -297,3 +315,173 @@ async def test_fake_worker_serves_byte_dist_over_http() -> None:
             "/internal/byte-dist", json={"request_id": "r", "queries": [{"token_ids": []}]}
         )
         assert empty.status_code == 400
+
+
+# -- speculation: children fetched ahead, in the background or in a needed engine step --------
+
+
+async def settle(scorer: ByteDistScorer) -> None:
+    """Wait for the scorer's background fetches."""
+    while scorer._background:
+        await asyncio.gather(*scorer._background)
+
+
+def brute_force_extensions(
+    table: TokenByteTable, row: NDArray[np.float64], partial: bytes, count: int
+) -> list[int]:
+    ids = [
+        t
+        for t in range(table.vocab_size)
+        if not table.is_special(t)
+        and table.rank[t] >= 0
+        and len(table.token_bytes(t)) > len(partial)
+        and table.token_bytes(t).startswith(partial)
+    ]
+    return sorted(ids, key=lambda t: -row[t])[:count]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_likeliest_extensions_are_the_most_probable_longer_tokens(kind: str) -> None:
+    from service.bytelevel.reduction import Prepared
+
+    table = tiny_table(kind)
+    source = Source(table.vocab_size)
+    row = renormalised(source.row((3, 1)))
+    prepared = Prepared(table, row)
+    for partial in partials_for(table):
+        for count in (1, 3):
+            got = likeliest_extensions(table, prepared, partial, count)
+            want = brute_force_extensions(table, row, partial, count)
+            assert [row[t] for t in got] == pytest.approx([row[t] for t in want], abs=0.0)
+            assert all(table.token_bytes(t).startswith(partial) for t in got)
+    assert likeliest_extensions(table, prepared, b"", 0) == []
+
+
+async def test_speculated_children_are_fetched_in_one_step_and_used_later() -> None:
+    scorer, source, table = make_scorer("byte_level")
+    first = await scorer.score(request(([1, 2], b""), speculate=3))
+    assert first.fetched == 1 and first.speculated == 3
+    await settle(scorer)
+    prepared = scorer.cache.get((1, 2))
+    assert prepared is not None
+    children = [(1, 2, t) for t in likeliest_extensions(table, prepared, b"", 3)]
+    assert source.calls == [[(1, 2)], children]  # the three children: one engine step
+    # The tree reaches one child: no forward, and the answer is the same numbers.
+    second = await scorer.score(request((list(children[1]), b""), speculate=3))
+    assert second.fetched == 0 and second.speculation_hits == 1
+    fresh, _, _ = make_scorer("byte_level")
+    alone = await fresh.score(request((list(children[1]), b"")))
+    assert second.results == alone.results
+    # ... and that child's own children are speculated in turn.
+    assert second.speculated == 3
+    assert scorer.stats.speculation_hits == 1
+
+
+async def test_a_request_for_a_path_being_speculated_waits_for_that_fetch() -> None:
+    scorer, source, table = make_scorer("byte_level")
+    source.gate, source.gate_from = asyncio.Event(), 1  # speculation waits
+    await scorer.score(request(([5], b""), speculate=1))
+    prepared = scorer.cache.get((5,))
+    assert prepared is not None
+    (child,) = [(5, t) for t in likeliest_extensions(table, prepared, b"", 1)]
+    assert child in scorer._inflight  # still being fetched
+    asking = asyncio.create_task(scorer.score(request((list(child), b""))))
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    answer = await asking
+    assert answer.fetched == 0 and answer.speculation_hits == 1
+    assert source.calls == [[(5,)], [child]]  # fetched once
+
+
+async def test_failed_speculation_is_fetched_again_by_the_request_that_needs_it() -> None:
+    scorer, source, table = make_scorer("byte_level")
+    source.gate, source.gate_from = asyncio.Event(), 1  # speculation waits, then fails
+    await scorer.score(request(([5], b""), speculate=1))
+    prepared = scorer.cache.get((5,))
+    assert prepared is not None
+    (child,) = [(5, t) for t in likeliest_extensions(table, prepared, b"", 1)]
+    source.fail = DeadlineExceeded("engine busy")
+    source.gate.set()
+    await settle(scorer)
+    assert scorer.stats.speculation_failures == 1 and not scorer._inflight
+    source.fail = None
+    answer = await scorer.score(request((list(child), b"")))
+    assert answer.fetched == 1 and len(answer.results) == 1
+
+
+async def test_speculation_in_flight_is_bounded_and_off_by_default() -> None:
+    scorer, source, _ = make_scorer("byte_level")
+    source.gate = asyncio.Event()
+    off = asyncio.create_task(scorer.score(request(([9], b""))))
+    await asyncio.sleep(0.01)
+    source.gate.set()
+    assert (await off).speculated == 0
+    # The four requests' own fetches pass; speculation waits until the end.
+    source.gate, source.gate_from = asyncio.Event(), len(source.calls) + 4
+    tasks = [
+        asyncio.create_task(scorer.score(request(([i], b""), speculate=8))) for i in range(1, 5)
+    ]
+    answers = await asyncio.gather(*tasks)
+    assert sum(a.speculated for a in answers) == MAX_SPECULATED_IN_FLIGHT
+    assert scorer.stats.speculation_skipped == 4 * 8 - MAX_SPECULATED_IN_FLIGHT
+    source.gate.set()
+    await settle(scorer)
+    assert scorer._speculating == 0 and not scorer._inflight
+
+
+def test_speculate_is_limited_on_the_wire() -> None:
+    with pytest.raises(ValidationError):
+        request(([1], b""), speculate=9)
+
+
+async def test_a_request_waiting_on_a_failed_speculation_fetches_the_path_itself() -> None:
+    scorer, source, table = make_scorer("byte_level")
+    source.gate, source.gate_from = asyncio.Event(), 1
+    await scorer.score(request(([5], b""), speculate=1))
+    prepared = scorer.cache.get((5,))
+    assert prepared is not None
+    (child,) = [(5, t) for t in likeliest_extensions(table, prepared, b"", 1)]
+    asking = asyncio.create_task(scorer.score(request((list(child), b""))))
+    await asyncio.sleep(0.01)
+    source.fail, source.fail_once = DeadlineExceeded("engine busy"), True
+    source.gate.set()
+    answer = await asking
+    assert answer.fetched == 1 and source.calls[-1] == [child]
+
+
+def test_speculation_skips_children_below_their_share_of_the_mass() -> None:
+    from service.bytelevel.reduction import Prepared
+
+    table = tiny_table("byte_level")
+    row = renormalised(Source(table.vocab_size).row((3, 1)))
+    prepared = Prepared(table, row)
+    for partial in (b"", b"t", b" "):
+        ids = brute_force_extensions(table, row, partial, table.vocab_size)
+        if not ids:
+            continue
+        total = float(np.logaddexp.reduce(row[ids]))
+        shares = [math.exp(row[t] - total) for t in ids]
+        for floor in (0.0, shares[0] * 0.99, shares[0] * 1.01, 0.05):
+            got = likeliest_extensions(table, prepared, partial, 4, floor)
+            want = [t for t, share in zip(ids[:4], shares[:4], strict=True) if share >= floor]
+            assert [row[t] for t in got] == pytest.approx([row[t] for t in want], abs=0.0)
+
+
+async def test_step_speculation_rides_in_the_engine_step_of_a_needed_path() -> None:
+    """"step": the likeliest children of the cached paths asked about go into the fetch of
+    the path the request needs, and nothing is fetched when it needs none."""
+    scorer, source, table = make_scorer("byte_level")
+    await scorer.score(request(([1, 2], b"")))  # cached, no speculation asked
+    only_cached = await scorer.score(request(([1, 2], b"t"), speculate=2, speculate_with="step"))
+    assert only_cached.speculated == 0 and len(source.calls) == 1  # no forward needed: none
+    answer = await scorer.score(
+        request(([1, 2], b"t"), ([7], b""), speculate=2, speculate_with="step")
+    )
+    prepared = scorer.cache.get((1, 2))
+    assert prepared is not None
+    children = [(1, 2, t) for t in likeliest_extensions(table, prepared, b"t", 2)]
+    assert source.calls[-1] == [(7,), *children]  # one engine step
+    assert answer.fetched == 1 and answer.speculated == len(children) == 2
+    assert not scorer._background
+    hit = await scorer.score(request((list(children[0]), b""), speculate=2, speculate_with="step"))
+    assert hit.fetched == 0 and hit.speculation_hits == 1 and len(source.calls) == 2

@@ -453,3 +453,68 @@ def test_byte_exact_prompt_continuation_is_unbiased() -> None:
     naive = CoveringTree(table, LocalReductionOracle(table, model), (start, *table.encode(text)))
     assert not np.allclose(naive.next_byte_logprobs(), scratch.next_byte_logprobs())
     assert math.isfinite(float(scratch.next_byte_logprobs()[ord("x")]))
+
+
+def scoring_worker(model: str, speculate_seen: list[int]) -> Any:
+    """A fake worker's byte-dist that runs the real worker's scorer (path LRU, speculation in
+    the background) over the seeded hash model."""
+    from service.worker.byte_dist import ByteDistScorer
+
+    table = tiny_table(KINDS[model])
+    lm = model_for(model)
+
+    async def fetch(prefixes: list[list[int]]) -> list[Any]:
+        await asyncio.sleep(0)  # a fetch yields, as an engine request does
+        return [lm.one(tuple(p)).astype(np.float32) for p in prefixes]
+
+    scorer = ByteDistScorer(table, fetch, token_id_limit=table.vocab_size, max_model_len=512)
+
+    async def byte_dist(request: ByteDistRequest) -> ByteDistResponse:
+        speculate_seen.append(request.speculate)
+        return await scorer.score(request)
+
+    byte_dist.scorer = scorer  # type: ignore[attr-defined]
+    return byte_dist
+
+
+@pytest.mark.parametrize("speculate_with", ["step", "background"])
+async def test_speculation_setting_reaches_the_workers_and_leaves_the_text_unchanged(
+    make_stack: Any, speculate_with: str
+) -> None:
+    """`speculate` on a member (here alpha: 3) wins over the runner's default (beta); the
+    workers (the real scorer over the hash models) fetch children ahead, the trees use some of
+    them, and the sampled text is the in-process loop's, byte for byte."""
+    graph = GRAPH.replace("MODE", "mix").replace(
+        "{model: alpha, weight: 0.7}", "{model: alpha, weight: 0.7, speculate: 3}"
+    )
+    stack = await make_stack(graph)
+    seen: dict[str, list[int]] = {"alpha": [], "beta": []}
+    workers = {name: scoring_worker(name, seen[name]) for name in ("alpha", "beta")}
+    for name, worker in workers.items():
+        stack.engine(name).byte_dist = worker
+    runner = stack.app.state.gateway.ensembles
+    runner.assets.factory = assets_for
+    runner.prune = 0.01
+    runner.speculate = 1
+    runner.speculate_min_p = 0.0
+    runner.speculate_with = speculate_with
+    r = await stack.client.post(
+        "/v1/chat/completions",
+        json={"model": "blend", "messages": CHAT, "seed": 5, "max_tokens": 60, "temperature": 0.3},
+    )
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["message"]["content"]
+    assert set(seen["alpha"]) == {3} and set(seen["beta"]) == {1}
+    assert all(w.scorer.stats.speculated > 0 for w in workers.values())
+    # The hash models are unrelated, so the text follows alpha (weight 0.7), whose children
+    # speculation then finds; beta's guesses mostly miss (real members agree far more).
+    assert workers["alpha"].scorer.stats.speculation_hits > 0
+    totals = runner.totals.by_model
+    assert totals["alpha"]["speculation_hits"] == workers["alpha"].scorer.stats.speculation_hits
+    # The reference reduces float64 rows; the workers float32 ones, as the real capture does.
+    # Sampling thresholds are far from those differences on this seed.
+    want, _ = reference(
+        CHAT_TURNS, None, members=["alpha", "beta"], weights=[0.7, 0.3], mode="mix", seed=5,
+        max_bytes=60, prune=0.01, temperature=0.3,
+    )  # fmt: skip
+    assert text == want

@@ -39,12 +39,29 @@ class PoolReducer:
     """Async reductions from one model's workers.  A request sticks to one replica so the
     worker's prefix cache and path LRU stay warm; an unreachable replica is swapped once."""
 
-    def __init__(self, pool: ModelPool, request_id: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        request_id: str,
+        headers: dict[str, str],
+        *,
+        speculate: int = 0,
+        speculate_min_p: float = 0.0,
+        speculate_with: str = "step",
+    ) -> None:
         self.pool = pool
         self.request_id = request_id
         self.headers = headers
+        # Children per query the worker fetches ahead, and the share of the mass they need.
+        self.speculate = speculate
+        self.speculate_min_p = speculate_min_p
+        self.speculate_with = speculate_with
         self.calls = 0
         self.queries = 0
+        self.fetched = 0  # paths the calls waited on a forward for
+        self.fetching_calls = 0  # calls that waited on one or more forwards
+        self.speculated = 0
+        self.speculation_hits = 0
         self._replica: Replica | None = None
 
     async def reduce(self, queries: Sequence[ReductionQuery]) -> list[Reduction]:
@@ -56,7 +73,13 @@ class PoolReducer:
         return [r for part in answers for r in part]
 
     async def _call(self, queries: list[ReductionQuery]) -> list[Reduction]:
-        request = ByteDistRequest(request_id=self.request_id, queries=to_wire(queries))
+        request = ByteDistRequest(
+            request_id=self.request_id,
+            queries=to_wire(queries),
+            speculate=self.speculate,
+            speculate_min_p=self.speculate_min_p,
+            speculate_with=self.speculate_with,
+        )
         tried: set[str] = set()
         while True:
             replica = self._replica
@@ -76,6 +99,10 @@ class PoolReducer:
             break
         self.calls += 1
         self.queries += len(queries)
+        self.fetched += response.fetched
+        self.fetching_calls += response.fetched > 0
+        self.speculated += response.speculated
+        self.speculation_hits += response.speculation_hits
         if len(response.results) != len(queries):
             raise UpstreamError("byte-dist answered a different number of results")
         return [from_wire(r) for r in response.results]

@@ -32,6 +32,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from numpy.typing import NDArray
@@ -68,6 +69,18 @@ DEFAULT_MAX_BYTES = 1024
 # --prune`) 0.01 changes bits/byte by about 0.001; the tree books what it dropped and
 # rebuilds exactly if a sampled byte needs a dropped cover.
 DEFAULT_PRUNE = 0.01
+# Speculation (service/worker/byte_dist.py): children a member's worker fetches ahead per query,
+# the likeliest tokens that extend the query's partial bytes, each holding at least
+# DEFAULT_SPECULATE_MIN_P of the mass of those tokens, in the background after answering.  Off
+# by default: on this 2-core CPU a speculated row costs about what a needed one does (the
+# output layer and the capture of a full row; ~57 ms batched against ~80 alone for Gemma-3),
+# the engines and the front ends share the two cores, and the text reaches a speculated child
+# a few bytes (a few ms) after the guess, so at best the time moves (bench/ensemble_speed.py,
+# README "Ensembles": 0.8 and one child broke even, 0.2 / 0.5 and two children, or riding in
+# a needed step, lost 15-45%).  A node's member turns it on with `speculate: N`.
+DEFAULT_SPECULATE = 0
+DEFAULT_SPECULATE_MIN_P = 0.8
+DEFAULT_SPECULATE_WITH = "background"
 # Threads that run members' trees; a step holds one per member while it waits on a worker.
 DEFAULT_THREADS = 32
 CHOICE_QUEUE_BOUND = 64
@@ -89,14 +102,24 @@ class TreeTotals:
         "pruned_mass",
         "leaked_nats",
     )
+    # From the members' workers (ByteDistResponse): rows waited for, rows fetched ahead.
+    WORKER_FIELDS = ("calls", "fetching_calls", "fetched", "speculated", "speculation_hits")
 
     def __init__(self) -> None:
         self.by_model: dict[str, dict[str, float]] = {}
 
     def add(self, model: str, stats: CoverStats) -> None:
-        entry = self.by_model.setdefault(model, dict.fromkeys(self.FIELDS, 0.0))
+        entry = self._entry(model)
         for name in self.FIELDS:
             entry[name] += float(getattr(stats, name))
+
+    def add_worker(self, model: str, reducer: PoolReducer) -> None:
+        entry = self._entry(model)
+        for name in self.WORKER_FIELDS:
+            entry[name] += float(getattr(reducer, name))
+
+    def _entry(self, model: str) -> dict[str, float]:
+        return self.by_model.setdefault(model, dict.fromkeys(self.FIELDS + self.WORKER_FIELDS, 0.0))
 
 
 @dataclass(frozen=True)
@@ -119,6 +142,9 @@ class EnsembleRunner:
         assets: AssetFactory | None = None,
         threads: int = DEFAULT_THREADS,
         prune: float = DEFAULT_PRUNE,
+        speculate: int = DEFAULT_SPECULATE,
+        speculate_min_p: float = DEFAULT_SPECULATE_MIN_P,
+        speculate_with: str = DEFAULT_SPECULATE_WITH,
         preload: bool = True,
         previous_assets: AssetCache | None = None,
     ) -> None:
@@ -128,6 +154,9 @@ class EnsembleRunner:
         # After a reload, the replaced runtime's assets: nothing unchanged is parsed again.
         self.assets = AssetCache(graph, pools, assets, previous=previous_assets)
         self.prune = prune
+        self.speculate = speculate  # for members that do not set their own
+        self.speculate_min_p = speculate_min_p
+        self.speculate_with = speculate_with
         self.idle_timeout_s = idle_timeout_s
         self.totals = TreeTotals()
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="ensemble")
@@ -166,10 +195,13 @@ class EnsembleRunner:
             )
         node = target.node
         if isinstance(node, EnsembleNode):
-            spec = [(m.model, m.weight) for m in node.members]
+            spec = [
+                (m.model, m.weight, self.speculate if m.speculate is None else m.speculate)
+                for m in node.members
+            ]
             mode = node.mode
         elif target.model is not None and target.model in self.pools.workers:
-            spec, mode = [(target.model, 1.0)], "mix"
+            spec, mode = [(target.model, 1.0, self.speculate)], "mix"
             try:  # loaded once per model and kept: the loop below finds them in the cache
                 async with asyncio.timeout(plan.ctx.remaining()):
                     await self.assets.get(target.model)
@@ -200,17 +232,17 @@ class EnsembleRunner:
 
     async def _open(
         self,
-        spec: Sequence[tuple[str, float]],
+        spec: Sequence[tuple[str, float, int]],
         mode: str,
         request: GenerateRequest,
         ctx: RequestContext,
         scope: RequestScope,
     ) -> AsyncIterator[GenerateEvent]:
-        for model, _ in spec:
+        for model, _, _ in spec:
             if model not in self.pools.pools:
                 raise Unavailable(f"no workers for ensemble member '{model}'")
         async with asyncio.timeout(ctx.remaining()):
-            assets = await asyncio.gather(*(self.assets.get(model) for model, _ in spec))
+            assets = await asyncio.gather(*(self.assets.get(model) for model, _, _ in spec))
             prompts = await asyncio.gather(
                 *(asyncio.to_thread(_member_prompt, a, request) for a in assets)
             )
@@ -220,9 +252,16 @@ class EnsembleRunner:
                 weight,
                 a,
                 p,
-                PoolReducer(self.pools[model], request.request_id, ctx.worker_headers),
+                PoolReducer(
+                    self.pools[model],
+                    request.request_id,
+                    ctx.worker_headers,
+                    speculate=speculate,
+                    speculate_min_p=self.speculate_min_p,
+                    speculate_with=self.speculate_with,
+                ),
             )
-            for (model, weight), a, p in zip(spec, assets, prompts, strict=True)
+            for (model, weight, speculate), a, p in zip(spec, assets, prompts, strict=True)
         ]
         if request.messages is not None and any(not a.prompts.has_chat_template for a in assets):
             # A chat turn ends where a chat model would end it: every member's end-of-turn
@@ -240,6 +279,8 @@ class EnsembleRunner:
         ]
         for c in choices:
             scope.on_close(c.close)  # stops its member threads, however the request ends
+        for m in members:  # the choices share the members' reducers: counted once
+            scope.on_close(partial(self.totals.add_worker, m.model, m.reducer))
         # The first distribution is computed before anything is streamed: a member that
         # cannot score (worker down, endpoint missing) fails the request with its status.
         async with asyncio.timeout(ctx.remaining()):

@@ -156,7 +156,10 @@ class Ticket:
             self.node = None
 
     def release(self) -> None:
-        """Give everything back now; a Redis lease is released in the background."""
+        """Give everything back now. A Redis lease is sent back by a task of its own on the
+        loop's next turn, without waiting for the reply: that write leaves right after the
+        answer's last bytes, before the client can send another request to any gateway, so
+        a client that sends its next request at once finds its slot free."""
         if self.released:
             return
         self.released = True
@@ -164,16 +167,8 @@ class Ticket:
         self._admission.give(self.key, self.cost, self.lease)
 
     async def aclose(self) -> None:
-        """`release`, with a Redis lease released before this returns: the request's scope
-        closes with it before the client has its answer, so a client that sends its next
-        request at once finds its slot free on every gateway."""
-        if self.released:
-            return
-        lease, shared = self.lease, self._admission.shared
-        self.lease = None
+        """`release` as the request scope's closer."""
         self.release()
-        if lease is not None and shared is not None and self.key is not None:
-            await shared.release_now(self.key, lease)
 
 
 class Admission:

@@ -19,11 +19,13 @@ Entries older than the window (60 s) or leases past their expiry are dropped by 
 that looks at the key, so a gateway that dies holding leases frees them within the lease TTL:
 its leases are no longer renewed.
 
-A request's lease is released when its scope closes (one round trip, before a JSON answer goes
-out, right after a stream's last byte), so a client that sends its next request at once finds
-its slot free. Token counts leave the request's path: they are queued (bounded) and sent by one
-background task per gateway, batched in one pipeline every FLUSH_DELAY_S, and the same task
-renews every live lease each TTL/3. A release that is lost (Redis down) costs nothing but the
+A request's lease is released when its scope closes: a task of its own writes the release on
+the loop's next turn (right after the answer's last bytes), without holding the answer for
+the reply, so a client that sends its next request at once finds its slot free (at most
+MAX_RELEASE_TASKS at once; beyond that releases join the batch below). Token counts leave the
+request's path: they are queued (bounded) and sent by one background task per gateway,
+batched in one pipeline every FLUSH_DELAY_S, and the same task renews every live lease each
+TTL/3. A release that is lost (Redis down) costs nothing but the
 lease's TTL; a token count that is lost (queue full, Redis down) is an undercount.
 
 Redis unreachable: every failed call counts in `octograph_shared_state_errors_total{operation}`
@@ -63,6 +65,7 @@ WINDOW_MS = 60_000  # RPM and TPM count the last minute
 OUTAGE_RETRY_S = 1.0  # after a failed call, admission skips Redis this long before trying again
 MAX_PENDING = 10_000  # releases and token counts waiting for the background task
 RENEW_BATCH = 500  # leases renewed per script call (one key's leases may need several)
+MAX_RELEASE_TASKS = 256  # releases in flight to Redis at once (each its own task)
 FLUSH_DELAY_S = 0.02  # token counts (and late releases) gathered this long into one pipeline
 FAILURES = (RedisError, OSError, TimeoutError)
 
@@ -245,6 +248,7 @@ class SharedKeyLimits:
         self.up = True
         self._skip_until = 0.0
         self._closing = False
+        self._releasing: set[asyncio.Task[None]] = set()
         # The last flush at shutdown waits at most this long for a Redis that does not answer.
         self.stop_timeout_s = (
             2 * float(redis.connection_pool.connection_kwargs.get("socket_timeout") or 1.0) + 1.0
@@ -301,8 +305,10 @@ class SharedKeyLimits:
 
     async def release_now(self, key: str, lease: str) -> None:
         """Give `lease` back in one round trip (a failure leaves it to its TTL)."""
-        if self.live.pop(lease, None) is None:
-            return
+        if self.live.pop(lease, None) is not None:
+            await self._send_release(key, lease)
+
+    async def _send_release(self, key: str, lease: str) -> None:
         if not self.up and time.monotonic() < self._skip_until:
             return  # Redis was down a moment ago: the lease's TTL frees it
         try:
@@ -314,9 +320,21 @@ class SharedKeyLimits:
             self._reached()
 
     def release(self, key: str, lease: str) -> None:
-        """Give `lease` back (sent by the background task; never renewed again)."""
-        if self.live.pop(lease, None) is not None:
+        """Give `lease` back now, without waiting for Redis's reply: a task of its own sends
+        it on the loop's next turn (at most MAX_RELEASE_TASKS at once; beyond that, or outside
+        a loop, it goes with the next batch). Never renewed again either way."""
+        if self.live.pop(lease, None) is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or len(self._releasing) >= MAX_RELEASE_TASKS:
             self._queue("release", key, lease)
+            return
+        task = loop.create_task(self._send_release(key, lease))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     def spend(self, key: str, tokens: int) -> None:
         """`key`'s request ended having used `tokens` (sent by the background task)."""
@@ -343,6 +361,8 @@ class SharedKeyLimits:
         their TTL frees them."""
         self._closing = True
         self._wake.set()
+        if self._releasing:  # releases already on their way
+            await asyncio.wait(set(self._releasing), timeout=self.stop_timeout_s)
         if self._task is not None:
             # The task sees `_closing`, flushes once more and returns; a Redis that hangs
             # cannot hold the shutdown longer than this.

@@ -427,7 +427,7 @@ async def test_back_to_back_requests_at_the_in_flight_limit_are_never_refused(
 ) -> None:
     # Two gateways (in this process) on one Redis, a key allowed one sequence in flight: a
     # client that sends its next request as soon as it has an answer always finds its slot
-    # free, whichever gateway it reaches (the lease is released before the answer goes out).
+    # free, whichever gateway it reaches (the release is written right after the answer).
     settings = {"api_keys": ["k1"], "max_inflight_per_key": 1, "redis_url": redis_server.url}
     stacks = [await make_stack(**settings), await make_stack(**settings)]
     codes = [

@@ -119,7 +119,7 @@ class ByteDistRequest(InternalModel):
         0,
         ge=0,
         le=8,
-        description="also fetch, in the background (one engine step), up to this many of each "
+        description="also fetch ahead (speculate_with says when), up to this many of each "
         "query's likeliest children (the path plus a token extending the partial bytes), for "
         "later requests (service/worker/byte_dist.py)",
     )

@@ -468,7 +468,7 @@ def test_speculation_skips_children_below_their_share_of_the_mass() -> None:
 
 
 async def test_step_speculation_rides_in_the_engine_step_of_a_needed_path() -> None:
-    """"step": the likeliest children of the cached paths asked about go into the fetch of
+    """ "step": the likeliest children of the cached paths asked about go into the fetch of
     the path the request needs, and nothing is fetched when it needs none."""
     scorer, source, table = make_scorer("byte_level")
     await scorer.score(request(([1, 2], b"")))  # cached, no speculation asked

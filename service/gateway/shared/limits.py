@@ -4,7 +4,11 @@ per minute (RPM) and tokens per minute (TPM).
 One Lua script per operation, so each is atomic and one round trip (EVALSHA; the scripts are
 loaded once per server): `admit` checks and takes all three limits of a request, `release`
 gives a lease back, `spend` counts a finished request's tokens, `renew` extends this process's
-live leases. Time is the Redis server's (`TIME` inside the scripts), so gateways whose clocks
+live leases. `admit` and `release`, on the request's path, go through one pipelined connection
+(service/gateway/shared/pipelined_redis.py: concurrent requests' scripts leave in one write,
+hiredis parses the replies) rather than redis-py, whose asyncio client costs several times the
+CPU per call; redis-py sends the background batches, and everything for a TLS or Unix-socket
+Redis. Time is the Redis server's (`TIME` inside the scripts), so gateways whose clocks
 disagree still share one window.
 
 Data, per API key (the key's digest, never the key; one hash tag so a Redis Cluster keeps a key's
@@ -41,17 +45,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import NoScriptError, RedisError
 
 from service.config import GatewaySettings
 from service.errors import Overloaded
+from service.gateway.shared.pipelined_redis import PipelinedRedis, RedisReplyError
+from service.gateway.shared.pipelined_redis import Script as LeanScript
 from service.gateway.shared.redis_client import make_redis
 from service.observability.metrics import GatewayMetrics
 
@@ -65,9 +72,9 @@ WINDOW_MS = 60_000  # RPM and TPM count the last minute
 OUTAGE_RETRY_S = 1.0  # after a failed call, admission skips Redis this long before trying again
 MAX_PENDING = 10_000  # releases and token counts waiting for the background task
 RENEW_BATCH = 500  # leases renewed per script call (one key's leases may need several)
-MAX_RELEASE_TASKS = 256  # releases in flight to Redis at once (each its own task)
+MAX_RELEASE_TASKS = 256  # releases in flight to Redis at once (beyond: the background batch)
 FLUSH_DELAY_S = 0.02  # token counts (and late releases) gathered this long into one pipeline
-FAILURES = (RedisError, OSError, TimeoutError)
+FAILURES = (RedisError, RedisReplyError, OSError, TimeoutError)
 
 # Drop entries of log KEYS[z] scored at or below `upto` (a number or "(number") and take their
 # amounts (the digits after the last ':' of a member) off its sum KEYS[s]; returns the sum left.
@@ -238,6 +245,12 @@ class SharedKeyLimits:
         self._release = redis.register_script(RELEASE)
         self._renew = redis.register_script(RENEW)
         self._spend = redis.register_script(SPEND)
+        # The request's path (admit, release) goes through one pipelined connection of its
+        # own (service/gateway/shared/pipelined_redis.py: a fraction of redis-py's CPU per
+        # call); redis-py keeps the background batches, and everything for TLS or a Unix socket.
+        self.fast = PipelinedRedis.from_redis(redis)
+        self._fast_admit = LeanScript(ADMIT)
+        self._fast_release = LeanScript(RELEASE)
         # Unique ids for leases and log entries: this process's random prefix and a counter.
         self._prefix = secrets.token_hex(6)
         self._ids = itertools.count()
@@ -248,7 +261,7 @@ class SharedKeyLimits:
         self.up = True
         self._skip_until = 0.0
         self._closing = False
-        self._releasing: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Future[Any]] = set()  # releases on their way to Redis
         # The last flush at shutdown waits at most this long for a Redis that does not answer.
         self.stop_timeout_s = (
             2 * float(redis.connection_pool.connection_kwargs.get("socket_timeout") or 1.0) + 1.0
@@ -266,9 +279,12 @@ class SharedKeyLimits:
         member = f"{self._prefix}.{next(self._ids)}:{cost}"
         args = (cost, member, self.max_inflight, self.rpm, self.tpm, self.lease_ttl_ms, WINDOW_MS)
         try:
-            answer: list[int] = await self._admit(
-                keys=[*lease_keys(key), *window_keys(key)], args=args
-            )
+            if self.fast is not None:
+                answer: list[int] = await self.fast.evalsha(
+                    self._fast_admit, [*lease_keys(key), *window_keys(key)], args
+                )
+            else:
+                answer = await self._admit(keys=[*lease_keys(key), *window_keys(key)], args=args)
         except FAILURES as exc:
             self._failed("limits_admit", exc)
             raise SharedStateDown(str(exc)) from exc
@@ -312,7 +328,10 @@ class SharedKeyLimits:
         if not self.up and time.monotonic() < self._skip_until:
             return  # Redis was down a moment ago: the lease's TTL frees it
         try:
-            await self._release(keys=lease_keys(key), args=[lease])
+            if self.fast is not None:
+                await self.fast.evalsha(self._fast_release, lease_keys(key), (lease,))
+            else:
+                await self._release(keys=lease_keys(key), args=[lease])
         except FAILURES as exc:
             self._failed("limits_release", exc)
             return
@@ -332,9 +351,39 @@ class SharedKeyLimits:
         if loop is None or len(self._releasing) >= MAX_RELEASE_TASKS:
             self._queue("release", key, lease)
             return
+        sent = None
+        if self.fast is not None and (self.up or time.monotonic() >= self._skip_until):
+            # On the open connection: no task, the reply checked by a callback.
+            with contextlib.suppress(ConnectionError):
+                sent = self.fast.send_nowait(
+                    b"EVALSHA", self._fast_release.sha, 2, *lease_keys(key), lease
+                )
+        if sent is not None:
+            self._releasing.add(sent)
+            sent.add_done_callback(functools.partial(self._released, key, lease))
+            return
         task = loop.create_task(self._send_release(key, lease))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+
+    def _released(self, key: str, lease: str, sent: asyncio.Future[Any]) -> None:
+        self._releasing.discard(sent)
+        if sent.cancelled():
+            return
+        exc = sent.exception()
+        if exc is None:
+            if not self.up:
+                self._reached()
+        elif isinstance(exc, RedisReplyError) and str(exc).startswith("NOSCRIPT"):
+            # Redis forgot the script (restarted, SCRIPT FLUSH): load it and send again.
+            if len(self._releasing) < MAX_RELEASE_TASKS:
+                task = asyncio.get_running_loop().create_task(self._send_release(key, lease))
+                self._releasing.add(task)
+                task.add_done_callback(self._releasing.discard)
+            else:
+                self._queue("release", key, lease)
+        else:
+            self._failed("limits_release", exc)
 
     def spend(self, key: str, tokens: int) -> None:
         """`key`'s request ended having used `tokens` (sent by the background task)."""
@@ -370,6 +419,8 @@ class SharedKeyLimits:
             if not done:
                 self._task.cancel()
             self._task = None
+        if self.fast is not None:
+            await self.fast.aclose()
         with contextlib.suppress(*FAILURES):
             await self.redis.aclose()
 

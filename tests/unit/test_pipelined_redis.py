@@ -193,3 +193,37 @@ def test_it_works_on_uvloop_as_the_gateway_runs_it(redis_server: RedisServer) ->
             await client.aclose()
 
     assert uvloop.run(run()) == [*(2 * i for i in range(50)), b"PONG"]
+
+
+def test_the_limits_encode_their_calls_as_redis_expects() -> None:
+    # SharedKeyLimits encodes a key's script head once and adds only the cost and lease per
+    # call: the bytes must be exactly the full command's.
+    from prometheus_client import CollectorRegistry
+
+    from service.gateway.shared.limits import (
+        WINDOW_MS,
+        SharedKeyLimits,
+        lease_keys,
+        window_keys,
+    )
+    from service.gateway.shared.pipelined_redis import bulk, encode_command
+    from service.observability.metrics import GatewayMetrics
+
+    store = SharedKeyLimits(
+        Redis.from_url("redis://127.0.0.1:6379/0"),
+        GatewayMetrics(CollectorRegistry()),
+        max_inflight_per_key=3,
+        rate_limit_rpm=100,
+        rate_limit_tpm=None,
+        lease_ttl_s=30.0,
+        fail_closed=False,
+    )
+    key, lease = "0123456789abcdef", "abc.7:2"
+    keys = [*lease_keys(key), *window_keys(key)]
+    admit = store._admit_head(key) + bulk(2) + bulk(lease) + store._admit_tail
+    assert admit == encode_command(
+        (b"EVALSHA", store._fast_admit.sha, 6, *keys, 2, lease, 3, 100, 0, 30_000, WINDOW_MS)
+    )
+    assert store._release_command(key, lease) == encode_command(
+        (b"EVALSHA", store._fast_release.sha, 2, *lease_keys(key), lease)
+    )

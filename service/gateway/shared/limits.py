@@ -57,7 +57,13 @@ from redis.exceptions import NoScriptError, RedisError
 
 from service.config import GatewaySettings
 from service.errors import Overloaded
-from service.gateway.shared.pipelined_redis import PipelinedRedis, RedisReplyError
+from service.gateway.shared.pipelined_redis import (
+    PipelinedRedis,
+    RedisReplyError,
+    RespArg,
+    array_header,
+    bulk,
+)
 from service.gateway.shared.pipelined_redis import Script as LeanScript
 from service.gateway.shared.redis_client import make_redis
 from service.observability.metrics import GatewayMetrics
@@ -74,6 +80,7 @@ MAX_PENDING = 10_000  # releases and token counts waiting for the background tas
 RENEW_BATCH = 500  # leases renewed per script call (one key's leases may need several)
 MAX_RELEASE_TASKS = 256  # releases in flight to Redis at once (beyond: the background batch)
 FLUSH_DELAY_S = 0.02  # token counts (and late releases) gathered this long into one pipeline
+MAX_ENCODED_KEYS = 10_000  # API keys whose encoded script calls are kept (then forgotten at once)
 FAILURES = (RedisError, RedisReplyError, OSError, TimeoutError)
 
 # Drop entries of log KEYS[z] scored at or below `upto` (a number or "(number") and take their
@@ -240,6 +247,8 @@ class SharedKeyLimits:
         self.rpm = rate_limit_rpm or 0
         self.tpm = rate_limit_tpm or 0
         self.lease_ttl_ms = max(1, round(lease_ttl_s * 1000))
+        limits = (self.max_inflight, self.rpm, self.tpm, self.lease_ttl_ms, WINDOW_MS)
+        self._admit_tail = b"".join(map(bulk, limits))
         self.fail_closed = fail_closed
         self._admit = redis.register_script(ADMIT)
         self._release = redis.register_script(RELEASE)
@@ -251,6 +260,10 @@ class SharedKeyLimits:
         self.fast = PipelinedRedis.from_redis(redis)
         self._fast_admit = LeanScript(ADMIT)
         self._fast_release = LeanScript(RELEASE)
+        # Each call's bytes are mostly the same for a key: its head (script, keys) is encoded
+        # once per key, the limits once, and only the cost and lease per call.
+        self._admit_heads: dict[str, bytes] = {}
+        self._release_heads: dict[str, bytes] = {}
         # Unique ids for leases and log entries: this process's random prefix and a counter.
         self._prefix = secrets.token_hex(6)
         self._ids = itertools.count()
@@ -280,9 +293,8 @@ class SharedKeyLimits:
         args = (cost, member, self.max_inflight, self.rpm, self.tpm, self.lease_ttl_ms, WINDOW_MS)
         try:
             if self.fast is not None:
-                answer: list[int] = await self.fast.evalsha(
-                    self._fast_admit, [*lease_keys(key), *window_keys(key)], args
-                )
+                command = self._admit_head(key) + bulk(cost) + bulk(member) + self._admit_tail
+                answer: list[int] = await self.fast.run_script(self._fast_admit, command)
             else:
                 answer = await self._admit(keys=[*lease_keys(key), *window_keys(key)], args=args)
         except FAILURES as exc:
@@ -296,6 +308,28 @@ class SharedKeyLimits:
             self.live[member] = key
             return member
         raise self._refusal(answer)
+
+    def _admit_head(self, key: str) -> bytes:
+        head = self._admit_heads.get(key)
+        if head is None:
+            if len(self._admit_heads) >= MAX_ENCODED_KEYS:
+                self._admit_heads.clear()
+            keys = [*lease_keys(key), *window_keys(key)]
+            parts: tuple[RespArg, ...] = (b"EVALSHA", self._fast_admit.sha, len(keys), *keys)
+            head = array_header(len(parts) + 7) + b"".join(map(bulk, parts))
+            self._admit_heads[key] = head
+        return head
+
+    def _release_command(self, key: str, lease: str) -> bytes:
+        head = self._release_heads.get(key)
+        if head is None:
+            if len(self._release_heads) >= MAX_ENCODED_KEYS:
+                self._release_heads.clear()
+            keys = lease_keys(key)
+            parts: tuple[RespArg, ...] = (b"EVALSHA", self._fast_release.sha, len(keys), *keys)
+            head = array_header(len(parts) + 1) + b"".join(map(bulk, parts))
+            self._release_heads[key] = head
+        return head + bulk(lease)
 
     def _refusal(self, answer: list[int]) -> Overloaded:
         reason, retry_ms, used = int(answer[0]), int(answer[1]), int(answer[2])
@@ -329,7 +363,7 @@ class SharedKeyLimits:
             return  # Redis was down a moment ago: the lease's TTL frees it
         try:
             if self.fast is not None:
-                await self.fast.evalsha(self._fast_release, lease_keys(key), (lease,))
+                await self.fast.run_script(self._fast_release, self._release_command(key, lease))
             else:
                 await self._release(keys=lease_keys(key), args=[lease])
         except FAILURES as exc:
@@ -355,9 +389,7 @@ class SharedKeyLimits:
         if self.fast is not None and (self.up or time.monotonic() >= self._skip_until):
             # On the open connection: no task, the reply checked by a callback.
             with contextlib.suppress(ConnectionError):
-                sent = self.fast.send_nowait(
-                    b"EVALSHA", self._fast_release.sha, 2, *lease_keys(key), lease
-                )
+                sent = self.fast.send_nowait(self._release_command(key, lease))
         if sent is not None:
             self._releasing.add(sent)
             sent.add_done_callback(functools.partial(self._released, key, lease))

@@ -39,18 +39,23 @@ class RedisReplyError(Exception):
     """Redis answered a command with an error (e.g. NOSCRIPT, WRONGTYPE)."""
 
 
+def bulk(arg: RespArg) -> bytes:
+    """One argument as a RESP bulk string."""
+    if isinstance(arg, str):
+        arg = arg.encode()
+    elif isinstance(arg, int):
+        arg = b"%d" % arg
+    return b"$%d\r\n%s\r\n" % (len(arg), arg)
+
+
+def array_header(count: int) -> bytes:
+    """The start of a command of `count` arguments (their bulk strings follow)."""
+    return b"*%d\r\n" % count
+
+
 def encode_command(args: tuple[RespArg, ...]) -> bytes:
     """One command as a RESP array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        else:
-            data = b"%d" % arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    return array_header(len(args)) + b"".join(map(bulk, args))
 
 
 class _Connection(asyncio.Protocol):
@@ -207,29 +212,38 @@ class PipelinedRedis:
         """Send one command and return its reply (bytes, int, list, None); raises
         RedisReplyError for an error reply, ConnectionError or TimeoutError when Redis cannot
         answer within `timeout_s`."""
+        return await self.call(encode_command(args))
+
+    async def call(self, command: bytes) -> Any:
+        """`execute` for a command already encoded (`encode_command`)."""
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
-        return await connection.send(encode_command(args))
+        return await connection.send(command)
 
-    def send_nowait(self, *args: RespArg) -> asyncio.Future[Any] | None:
-        """Send one command on the open connection without a coroutine (its reply resolves
-        the future); None when there is no open connection (use `execute`)."""
+    def send_nowait(self, command: bytes) -> asyncio.Future[Any] | None:
+        """Send an encoded command on the open connection without a coroutine (its reply
+        resolves the future); None when there is no open connection (use `call`)."""
         connection = self._connection
         if connection is None or connection.closed:
             return None
-        return connection.send(encode_command(args))
+        return connection.send(command)
 
     async def evalsha(self, script: Script, keys: list[str], args: tuple[RespArg, ...]) -> Any:
         """Run `script`; a server that does not know it (restarted, SCRIPT FLUSH) is sent it
         with SCRIPT LOAD and asked once more."""
+        command = encode_command((b"EVALSHA", script.sha, len(keys), *keys, *args))
+        return await self.run_script(script, command)
+
+    async def run_script(self, script: Script, evalsha: bytes) -> Any:
+        """`evalsha` for an EVALSHA of `script` already encoded."""
         try:
-            return await self.execute(b"EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.call(evalsha)
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
         await self.execute(b"SCRIPT", b"LOAD", script.source)
-        return await self.execute(b"EVALSHA", script.sha, len(keys), *keys, *args)
+        return await self.call(evalsha)
 
     async def _connect(self) -> _Connection:
         # One connection attempt at a time: concurrent callers wait for the same one.

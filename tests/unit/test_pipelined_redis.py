@@ -88,6 +88,23 @@ async def test_a_caller_that_goes_away_does_not_shift_the_replies(
         await client.aclose()
 
 
+async def test_a_caller_that_goes_away_while_connecting_does_not_cut_off_the_others(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    client = lean(redis_server)
+    try:
+        first = asyncio.ensure_future(client.execute(b"ECHO", "first"))
+        second = asyncio.ensure_future(client.execute(b"ECHO", "second"))
+        await asyncio.sleep(0)  # both wait for the one connection attempt
+        first.cancel()
+        assert await second == b"second"
+        assert client.connects == 1
+    finally:
+        await client.aclose()
+    with pytest.raises(ConnectionError):
+        await client.execute(b"PING")  # closed for good
+
+
 async def test_a_call_redis_does_not_answer_fails_within_its_deadline(
     redis_py: Redis,
     redis_server: RedisServer,  # noqa: F811

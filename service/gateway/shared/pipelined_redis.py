@@ -185,7 +185,8 @@ class PipelinedRedis:
         self.password = password
         self.timeout_s = timeout_s
         self._connection: _Connection | None = None
-        self._connecting: asyncio.Future[_Connection] | None = None
+        self._connecting: asyncio.Task[_Connection] | None = None
+        self._closed = False
         self.connects = 0  # connections made (a reconnect after a failure counts too)
 
     @classmethod
@@ -218,6 +219,8 @@ class PipelinedRedis:
         """`execute` for a command already encoded (`encode_command`)."""
         connection = self._connection
         if connection is None or connection.closed:
+            if self._closed:
+                raise ConnectionError("Redis client closed")
             connection = await self._connect()
         return await connection.send(command)
 
@@ -246,21 +249,22 @@ class PipelinedRedis:
         return await self.call(evalsha)
 
     async def _connect(self) -> _Connection:
-        # One connection attempt at a time: concurrent callers wait for the same one.
+        # One connection attempt at a time, in a task of its own: concurrent callers wait for
+        # the same one, and a caller that goes away (cancelled) does not cut it off for others.
         if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_future()
-            try:
-                connection = await self._open()
-            except BaseException as exc:
-                self._connecting.set_exception(exc)
-                self._connecting.exception()  # retrieved: no "never retrieved" warning
-                self._connecting = None
-                raise
-            self._connecting.set_result(connection)
-            self._connecting = None
-            self._connection = connection
-            return connection
+            self._connecting = asyncio.get_running_loop().create_task(self._open())
+            self._connecting.add_done_callback(self._connected)
         return await asyncio.shield(self._connecting)
+
+    def _connected(self, attempt: asyncio.Task[_Connection]) -> None:
+        self._connecting = None
+        if attempt.cancelled() or attempt.exception() is not None:
+            return  # its callers see the exception; the next call tries again
+        connection = attempt.result()
+        if self._closed:
+            connection.fail(ConnectionError("Redis client closed"))
+        else:
+            self._connection = connection
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -287,6 +291,9 @@ class PipelinedRedis:
         return connection
 
     async def aclose(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._connection is not None:
             self._connection.fail(ConnectionError("Redis client closed"))
             self._connection = None

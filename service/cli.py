@@ -120,6 +120,10 @@ def _worker(args: argparse.Namespace) -> int:
             max_model_len=settings.max_model_len,
             token_delay_s=args.fake_token_delay or settings.fake_token_delay_s,
             reply_words=args.fake_reply_words or settings.fake_reply_words,
+            # Reported only when set: a fake has no batch of its own to protect.
+            max_num_seqs=(
+                settings.max_num_seqs if "max_num_seqs" in settings.model_fields_set else None
+            ),
         )
     else:
         from service.models.resolve import resolve_model_dir

@@ -25,6 +25,9 @@ from service.worker.fake_engine import FakeEngine
 # The hook that makes a skip fail the run under CI=true (unless allowlisted): tests/ci_skips.py.
 from tests.ci_skips import pytest_runtest_makereport  # noqa: F401
 
+# `redis_server`: a throwaway real redis-server for any test that asks for it.
+pytest_plugins = ["tests.redis_server"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -7,12 +7,8 @@ keys set, admin keys only (issue 17)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -32,73 +28,7 @@ from service.gateway.shared.console_feed import (
     latency_key,
 )
 from service.graph.functional_tokens import assign_tokens
-from tests.conftest import free_port
-
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-class RedisServer:
-    """A throwaway redis-server: no RDB, no AOF, its files in a temporary directory."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        ping = [REDIS_SERVER.replace("redis-server", "redis-cli"), "-p", str(self.port), "ping"]
-        for _ in range(500):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            done = subprocess.run(ping, capture_output=True, timeout=5, check=False)
-            if done.stdout.strip() == b"PONG":
-                return
-            subprocess.run(["sleep", "0.02"], check=False)
-        raise RuntimeError("redis-server did not answer PING")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    if not Path(REDIS_SERVER).is_file():
-        pytest.skip("redis-server is not installed: run scripts/redis-tools.sh")
-    with tempfile.TemporaryDirectory(prefix="octograph-redis-") as workdir:
-        server = RedisServer(Path(workdir))
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+from tests.redis_server import RedisServer, free_port
 
 
 @pytest.fixture

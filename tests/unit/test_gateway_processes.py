@@ -36,7 +36,7 @@ from service.gateway.processes import (
 )
 from service.observability.multiprocess import merged_registry
 from tests.conftest import free_port
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN_DELAY_S = 0.05  # the fake worker's pace: a 1-token answer is quick, a long stream is not

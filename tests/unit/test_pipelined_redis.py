@@ -12,11 +12,11 @@ import pytest
 from redis.asyncio import Redis
 
 from service.gateway.shared.pipelined_redis import PipelinedRedis, RedisReplyError, Script
-from tests.redis_server import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture
-async def redis_py(redis_server: RedisServer) -> AsyncIterator[Redis]:  # noqa: F811
+async def redis_py(redis_server: RedisServer) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
     yield client
     await client.aclose()
@@ -28,7 +28,7 @@ def lean(server: RedisServer, **kw: object) -> PipelinedRedis:
 
 
 async def test_concurrent_commands_share_one_connection_and_get_their_own_replies(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     client = lean(redis_server)
     try:
@@ -50,7 +50,7 @@ async def test_concurrent_commands_share_one_connection_and_get_their_own_replie
 
 
 async def test_an_error_reply_fails_only_its_own_command(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     client = lean(redis_server)
     try:
@@ -70,7 +70,7 @@ async def test_an_error_reply_fails_only_its_own_command(
 
 async def test_a_caller_that_goes_away_does_not_shift_the_replies(
     redis_py: Redis,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     client = lean(redis_server)
     try:
@@ -89,7 +89,7 @@ async def test_a_caller_that_goes_away_does_not_shift_the_replies(
 
 
 async def test_a_caller_that_goes_away_while_connecting_does_not_cut_off_the_others(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     client = lean(redis_server)
     try:
@@ -107,7 +107,7 @@ async def test_a_caller_that_goes_away_while_connecting_does_not_cut_off_the_oth
 
 async def test_a_call_redis_does_not_answer_fails_within_its_deadline(
     redis_py: Redis,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     client = lean(redis_server, timeout_s=0.2)
     try:
@@ -124,7 +124,7 @@ async def test_a_call_redis_does_not_answer_fails_within_its_deadline(
         await client.aclose()
 
 
-async def test_it_reconnects_after_a_redis_restart(redis_server: RedisServer) -> None:  # noqa: F811
+async def test_it_reconnects_after_a_redis_restart(redis_server: RedisServer) -> None:
     client = lean(redis_server, timeout_s=1.0)
     try:
         assert await client.execute(b"SET", "k", "v") == b"OK"
@@ -141,7 +141,7 @@ async def test_it_reconnects_after_a_redis_restart(redis_server: RedisServer) ->
 
 async def test_a_script_redis_forgot_is_loaded_again(
     redis_py: Redis,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     client = lean(redis_server)
     script = Script("return {tonumber(ARGV[1]) + 1, KEYS[1]}")
@@ -162,7 +162,7 @@ async def test_a_script_redis_forgot_is_loaded_again(
 
 async def test_auth_and_select_come_from_the_url(
     redis_py: Redis,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     await redis_py.config_set("requirepass", "s3cret")
     try:
@@ -192,7 +192,7 @@ def test_tls_and_unix_sockets_are_left_to_redis_py() -> None:
     assert (plain.host, plain.port, plain.db, plain.timeout_s) == ("h", 1234, 2, 0.3)
 
 
-def test_it_works_on_uvloop_as_the_gateway_runs_it(redis_server: RedisServer) -> None:  # noqa: F811
+def test_it_works_on_uvloop_as_the_gateway_runs_it(redis_server: RedisServer) -> None:
     # uvloop's transports do not subclass asyncio.Transport; the gateway runs on uvloop.
     import uvloop
 

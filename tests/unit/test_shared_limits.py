@@ -35,7 +35,7 @@ from service.errors import Overloaded
 from service.gateway.shared import limits as limits_module
 from service.gateway.shared.limits import SharedKeyLimits, lease_keys, window_keys
 from service.observability.metrics import GatewayMetrics
-from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 (fixture)
+from tests.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "0123456789abcdef"  # what admission sees: a digest of the API key
@@ -54,7 +54,7 @@ def store(redis: Redis, **kw: Any) -> SharedKeyLimits:
 
 
 @pytest.fixture
-async def redis_pair(redis_server: RedisServer) -> AsyncIterator[tuple[Redis, Redis]]:  # noqa: F811
+async def redis_pair(redis_server: RedisServer) -> AsyncIterator[tuple[Redis, Redis]]:
     """Two clients, as two gateways would have."""
     a = Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
     b = Redis.from_url(redis_server.url, socket_timeout=5, socket_connect_timeout=5)
@@ -279,7 +279,7 @@ async def _open_stream(client: httpx.AsyncClient, url: str) -> AsyncIterator[htt
 
 
 async def test_two_gateways_share_a_keys_requests_per_minute(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
     rpm = 6
@@ -298,7 +298,7 @@ async def test_two_gateways_share_a_keys_requests_per_minute(
 
 
 async def test_two_gateways_share_a_keys_in_flight_limit(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
     with deployment(tmp_path, redis_server.url, max_inflight_per_key="2") as d:
@@ -321,7 +321,7 @@ async def _served(c: httpx.AsyncClient, url: str) -> bool:
 
 
 async def test_a_killed_gateway_frees_its_leases_within_the_ttl(
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
     tmp_path: Path,
 ) -> None:
     with deployment(tmp_path, redis_server.url, max_inflight_per_key="1") as d:
@@ -345,7 +345,7 @@ async def test_a_killed_gateway_frees_its_leases_within_the_ttl(
 
 async def test_fail_open_admits_on_this_processes_counts_while_redis_is_down(
     make_stack: Any,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     stack = await make_stack(
@@ -387,7 +387,7 @@ async def test_fail_open_admits_on_this_processes_counts_while_redis_is_down(
 
 async def test_fail_closed_refuses_with_503_while_redis_is_down(
     make_stack: Any,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     stack = await make_stack(
         api_keys=["k1"],
@@ -423,7 +423,7 @@ async def _served_in_process(c: httpx.AsyncClient) -> bool:
 
 async def test_back_to_back_requests_at_the_in_flight_limit_are_never_refused(
     make_stack: Any,
-    redis_server: RedisServer,  # noqa: F811
+    redis_server: RedisServer,
 ) -> None:
     # Two gateways (in this process) on one Redis, a key allowed one sequence in flight: a
     # client that sends its next request as soon as it has an answer always finds its slot

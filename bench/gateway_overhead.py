@@ -1055,8 +1055,7 @@ def redis_bench(args: argparse.Namespace) -> int:
         "cpu_model": cpu_model(),
         "load_before": [round(x, 2) for x in os.getloadavg()],
         "pinning": (
-            f"gateways on core {cores[0]}; worker, redis-server + load generator on core "
-            f"{cores[1]}"
+            f"gateways on core {cores[0]}; worker, redis-server + load generator on core {cores[1]}"
             if cores[0] is not None
             else "none"
         ),
@@ -1093,9 +1092,7 @@ def redis_bench(args: argparse.Namespace) -> int:
                         cpu1 = (cpu_ns(pid), cpu_ns(stack.redis.pid))
                         res["gateway_cpu_ns"] = cpu1[0] - cpu0[0]
                         res["redis_cpu_ns"] = cpu1[1] - cpu0[1]
-                        runs.setdefault(sc["name"], {m: [] for m in LIMITS_MODES})[mode].append(
-                            res
-                        )
+                        runs.setdefault(sc["name"], {m: [] for m in LIMITS_MODES})[mode].append(res)
                         print(
                             f"round {rnd + 1}/{args.rounds} {sc['name']:18s} {mode:10s} "
                             f"n={res['n']:6d} p50={pct(res['lat_us'], 50):7.3f} ms "

@@ -551,24 +551,31 @@ def choose_cores(no_pin: bool = False) -> tuple[int | None, int | None]:
     return cores[0], cores[1]
 
 
+def run_meta(args: argparse.Namespace, pinning: str, **extra: Any) -> dict[str, Any]:
+    """What every mode records about its run: the machine, its load before, the pinning."""
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        "pinning": pinning,
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "python": sys.version.split()[0],
+        **extra,
+    }
+
+
 def bench(args: argparse.Namespace) -> int:
     cores = choose_cores(args.no_pin)
     if cores[1] is not None:
         os.sched_setaffinity(0, {cores[1]})  # this script waits on the worker's core
-    meta = {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-        "pinning": (
-            f"gateway on core {cores[0]}; worker + load generator on core {cores[1]}"
-            if cores[0] is not None
-            else "none (one core)"
-        ),
-        "rounds": args.rounds,
-        "nice": args.nice,
-        "duration_s": args.duration,
-        "python": sys.version.split()[0],
-    }
+    meta = run_meta(
+        args,
+        f"gateway on core {cores[0]}; worker + load generator on core {cores[1]}"
+        if cores[0] is not None
+        else "none (one core)",
+        nice=args.nice,
+    )
     print(f"load average now: {meta['load_before']}  ({meta['pinning']})", flush=True)
     with tempfile.TemporaryDirectory(prefix="octo-bench-") as tmpdir:
         stack = STACKS[args.upstream](Path(tmpdir), args, cores)
@@ -769,15 +776,7 @@ def bench_processes(args: argparse.Namespace) -> int:
     rounds. Non-streaming chat requests of --short-tokens tokens."""
     counts = args.processes
     levels = [c for c in args.concurrency if c > 1]  # one client keeps one process busy at most
-    meta = {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-        "pinning": "none: the gateways, the worker and the load generator share every core",
-        "rounds": args.rounds,
-        "duration_s": args.duration,
-        "python": sys.version.split()[0],
-    }
+    meta = run_meta(args, "none: the gateways, the worker and the load generator share every core")
     print(f"load average now: {meta['load_before']}; process counts {counts}, "
           f"concurrency {levels}", flush=True)  # fmt: skip
     py = sys.executable
@@ -1050,19 +1049,13 @@ def redis_bench(args: argparse.Namespace) -> int:
     ] + [{"name": f"stream {s} tok c=8", "stream": True, "tokens": s, "concurrency": 8}]
     if args.only:
         plan = [sc for sc in plan if any(o in sc["name"] for o in args.only)]
-    meta = {
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "load_before": [round(x, 2) for x in os.getloadavg()],
-        "pinning": (
-            f"gateways on core {cores[0]}; worker, redis-server + load generator on core {cores[1]}"
-            if cores[0] is not None
-            else "none"
-        ),
-        "rounds": args.rounds,
-        "duration_s": args.duration,
-        "limits": KEY_LIMITS_ENV | {"OCTOGRAPH_API_KEYS": "[1 key]"},
-    }
+    meta = run_meta(
+        args,
+        f"gateways on core {cores[0]}; worker, redis-server + load generator on core {cores[1]}"
+        if cores[0] is not None
+        else "none",
+        limits=KEY_LIMITS_ENV | {"OCTOGRAPH_API_KEYS": "[1 key]"},
+    )
     print(f"load average now: {meta['load_before']}  ({meta['pinning']})", flush=True)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with tempfile.TemporaryDirectory(prefix="octo-bench-redis-") as tmpdir:

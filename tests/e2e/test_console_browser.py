@@ -21,6 +21,7 @@ import pytest
 from service.graph.functional_tokens import assign_tokens, token_name
 from service.graph.schema import RouterNode, parse_graph
 from tests.e2e.console_stack import CONSOLE_GRAPH, ThreadedStack
+from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -313,15 +314,12 @@ def test_console_asks_for_the_api_key(browser: Any) -> None:
         s.stop()
 
 
-def test_console_shows_the_deployment_scope_and_its_loss(browser: Any, tmp_path: Path) -> None:
+def test_console_shows_the_deployment_scope_and_its_loss(
+    browser: Any, redis_server: RedisServer
+) -> None:
     """With OCTOGRAPH_REDIS_URL the page says it shows every replica; with Redis gone, that it
     shows the one that answered, and why."""
-    from tests.unit.test_console_shared import REDIS_SERVER, RedisServer
-
-    if not Path(REDIS_SERVER).is_file():
-        pytest.skip("redis-server is not installed: run scripts/redis-tools.sh")
-    redis = RedisServer(tmp_path)
-    redis.start()
+    redis = redis_server
     s = ThreadedStack(settings_kw={"redis_url": redis.url}).start()
     try:
         browser.get(s.url + "/console")

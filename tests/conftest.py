@@ -7,8 +7,11 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -168,3 +171,18 @@ def sse_events(body: str) -> list[Any]:
         data = block[len("data: ") :]
         out.append("DONE" if data == "[DONE]" else json.loads(data))
     return out
+
+
+def spawn_cli(
+    args: list[str], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`octograph ARGS` as a real process in a session of its own (killable as a group), its
+    output in `log`, with this environment plus `env`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, **(env or {})},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )

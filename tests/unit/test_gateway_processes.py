@@ -35,7 +35,7 @@ from service.gateway.processes import (
     handles_signal,
 )
 from service.observability.multiprocess import merged_registry
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_cli
 from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,17 +83,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 def stop(proc: subprocess.Popen[bytes], *, children: Collection[int] = ()) -> None:
@@ -190,13 +179,13 @@ def running_gateway(tmp_path: Path, env: dict[str, str] | None = None) -> Iterat
         "nodes:\n"
         "  general: {kind: model, model: fake}\n"
     )
-    worker = spawn(
+    worker = spawn_cli(
         ["worker", "--fake", "--model", "fake", "--port", str(worker_port),
          "--fake-token-delay", str(TOKEN_DELAY_S), "--fake-reply-words", "200"],
         tmp_path / "worker.log",
     )  # fmt: skip
     log = tmp_path / "gateway.log"
-    proc = spawn(
+    proc = spawn_cli(
         ["gateway", "--config", str(graph), "--port", str(port), "--processes", "2",
          "--metrics-port", str(metrics_port)],
         log,
@@ -338,7 +327,7 @@ def test_a_port_in_use_is_refused_even_by_a_reuseport_listener(tmp_path: Path) -
         other.bind(("127.0.0.1", port))
         other.listen()
         log = tmp_path / "gateway.log"
-        proc = spawn(["gateway", "--port", str(port), "--processes", "2"], log)
+        proc = spawn_cli(["gateway", "--port", str(port), "--processes", "2"], log)
         try:
             assert proc.wait(60) == 2
         finally:
@@ -350,7 +339,7 @@ def test_a_port_in_use_is_refused_even_by_a_reuseport_listener(tmp_path: Path) -
 def test_per_key_limits_without_redis_are_refused_with_several_processes(tmp_path: Path) -> None:
     log = tmp_path / "gateway.log"
     # OCTOGRAPH_PROCESSES: the setting, as a container would set it.
-    proc = spawn(["gateway", "--port", str(free_port())], log,
+    proc = spawn_cli(["gateway", "--port", str(free_port())], log,
                  env={"OCTOGRAPH_PROCESSES": "2", "OCTOGRAPH_RATE_LIMIT_RPM": "60"})  # fmt: skip
     try:
         assert proc.wait(60) == 2

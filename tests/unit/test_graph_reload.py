@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from service.graph.schema import parse_graph
 from service.serving import Lifecycle
 from service.worker.app import build_worker_app
 from service.worker.fake_engine import FakeEngine
-from tests.conftest import Served, free_port, serve_app
+from tests.conftest import Served, free_port, serve_app, spawn_cli
 from tests.unit.test_ensemble_runner import assets_for, exact_byte_dist
 
 REPO = Path(__file__).resolve().parents[2]
@@ -502,17 +500,6 @@ nodes:
 """
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Any:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 def _stop(proc: Any) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -625,7 +612,7 @@ async def test_reload_under_load_in_real_processes(tmp_path: Path) -> None:
     mount = tmp_path / "configmap"
     _configmap_write(mount, PROCESS_GRAPH.format(url=worker_url, prompt=PROMPTS["one"]))
     logs = {name: tmp_path / f"{name}.log" for name in ("worker", "a", "b")}
-    worker = _spawn(
+    worker = spawn_cli(
         [
             "worker",
             "--fake",
@@ -640,12 +627,12 @@ async def test_reload_under_load_in_real_processes(tmp_path: Path) -> None:
     )
     base_env = {"OCTOGRAPH_LOG_JSON": "false"}
     gateways = {
-        "a": _spawn(
+        "a": spawn_cli(
             ["gateway", "--config", str(mount / "graph.yaml"), "--port", str(a_port)],
             logs["a"],
             base_env,
         ),
-        "b": _spawn(
+        "b": spawn_cli(
             ["gateway", "--config", str(mount / "graph.yaml"), "--port", str(b_port)],
             logs["b"],
             {**base_env, "OCTOGRAPH_GRAPH_RELOAD_INTERVAL_S": "0"},

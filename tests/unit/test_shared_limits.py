@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from service.errors import Overloaded
 from service.gateway.shared import limits as limits_module
 from service.gateway.shared.limits import SharedKeyLimits, lease_keys, window_keys
 from service.observability.metrics import GatewayMetrics
+from tests.conftest import spawn_cli
 from tests.redis_server import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,17 +179,6 @@ class Deployment:
         return (self.logs / f"gateway{i}.log").read_text(errors="replace")[-3000:]
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *cmd],
-        cwd=REPO,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **env},
-        start_new_session=True,
-    )
-
-
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -227,7 +216,7 @@ def deployment(tmp: Path, redis_url: str, **limits: str) -> Iterator[Deployment]
         "  general: {kind: model, model: fake}\n"
     )
     # Long, slow replies unless max_tokens says otherwise: a stream lasts ~20 s.
-    worker = _spawn(
+    worker = spawn_cli(
         ["worker", "--fake", "--model", "fake", "--port", str(worker_port),
          "--fake-reply-words", "400", "--fake-token-delay", "0.05"],
         tmp / "worker.log",
@@ -246,7 +235,7 @@ def deployment(tmp: Path, redis_url: str, **limits: str) -> Iterator[Deployment]
         for i in range(2):
             port = free_port()
             gateways.append(
-                _spawn(
+                spawn_cli(
                     ["gateway", "--config", str(graph), "--port", str(port)],
                     tmp / f"gateway{i}.log",
                     env,

@@ -565,6 +565,17 @@ def run_meta(args: argparse.Namespace, pinning: str, **extra: Any) -> dict[str, 
     }
 
 
+def write_results(
+    args: argparse.Namespace, default_name: str, meta: dict[str, Any], rows: list[Any]
+) -> int:
+    """The run's JSON under bench/results (--output names it)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / (args.output or default_name)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"\nwrote {out.relative_to(REPO)}")
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     cores = choose_cores(args.no_pin)
     if cores[1] is not None:
@@ -862,11 +873,7 @@ def bench_processes(args: argparse.Namespace) -> int:
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     rows = [summarize_processes(level, by_count) for level, by_count in runs.items()]
     print_processes(rows, counts, meta)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / (args.output or "gateway_processes.json")
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\nwrote {out.relative_to(REPO)}")
-    return 0
+    return write_results(args, "gateway_processes.json", meta, rows)
 
 
 def summarize_processes(level: str, by_count: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -1097,11 +1104,7 @@ def redis_bench(args: argparse.Namespace) -> int:
     meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
     rows = [summarize_limits(sc["name"], runs[sc["name"]]) for sc in plan]
     print_limits_table(rows, meta)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / (args.output or "gateway_overhead_redis.json")
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"\nwrote {out.relative_to(REPO)}")
-    return 0
+    return write_results(args, "gateway_overhead_redis.json", meta, rows)
 
 
 def summarize_limits(name: str, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:

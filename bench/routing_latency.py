@@ -162,22 +162,8 @@ def measure(url: str, rows: list[dict[str, str]], warmup: int) -> dict[str, Any]
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=REPO / "configs/local.yaml")
-    ap.add_argument("--data", type=Path, default=REPO / "configs/routing/eval.jsonl")
-    ap.add_argument("--gateway", help="use a running gateway instead of starting one")
-    ap.add_argument("--router-url", help="use a running router worker; start only the gateway")
-    ap.add_argument(
-        "--stack",
-        action="store_true",
-        help="start the whole default stack (`octograph up`: every worker sharing the cores, "
-        "as shipped) and measure through its gateway",
-    )
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--limit", type=int, help="only the first N queries")
-    args = ap.parse_args()
-    rows = load_rows(args.data)[: args.limit]
+def run_once(args: argparse.Namespace, rows: list[dict[str, str]]) -> dict[str, Any]:
+    """Start what the mode needs (with this process's environment), measure, stop it."""
     workers: list[Any] = []
     gw: subprocess.Popen[bytes] | None = None
     try:
@@ -205,21 +191,74 @@ def main() -> int:
             from service.embedded import stop_workers
 
             stop_workers(workers)
+    result["load_average"] = os.getloadavg()
+    return result
+
+
+def report(label: str, result: dict[str, Any], show_misses: bool) -> None:
     c, s = result["client_ms"], result["gateway_routing_ms"]
     print(
-        f"POST /v1/route over {result['answered']}/{result['queries']} queries "
-        f"(sequential, after warm-up; load average {os.getloadavg()[0]:.1f}):"
+        f"{label}POST /v1/route over {result['answered']}/{result['queries']} queries "
+        f"(sequential, after warm-up; load average {result['load_average'][0]:.1f}):"
     )
     print(f"  client   p50 {c['p50']:.1f} ms  p90 {c['p90']:.1f} ms  p99 {c['p99']:.1f} ms")
     print(f"  routing  p50 {s['p50']:.1f} ms  p90 {s['p90']:.1f} ms  p99 {s['p99']:.1f} ms")
-    print(f"  leaf accuracy {result['accuracy']:.1%}  (target p50 <= 40 ms, accuracy >= 90%)")
+    print(f"  leaf accuracy {result['accuracy']:.1%}  (issue 21: p50 <= 15 ms, accuracy >= 95%)")
     for failure in result["failed"]:
         print(f"  failed: {failure}")
-    for q, want, got in result["errors"]:
-        print(f"  miss: {want:10s} -> {got:24s} {q}")
+    if show_misses:
+        for q, want, got in result["errors"]:
+            print(f"  miss: {want:10s} -> {got:24s} {q}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=REPO / "configs/local.yaml")
+    ap.add_argument("--data", type=Path, default=REPO / "configs/routing/eval.jsonl")
+    ap.add_argument("--gateway", help="use a running gateway instead of starting one")
+    ap.add_argument("--router-url", help="use a running router worker; start only the gateway")
+    ap.add_argument(
+        "--stack",
+        action="store_true",
+        help="start the whole default stack (`octograph up`: every worker sharing the cores, "
+        "as shipped) and measure through its gateway",
+    )
+    ap.add_argument(
+        "--compare-dtype",
+        action="store_true",
+        help="run twice in one go: every worker in bfloat16 (the settings before issue 21's "
+        "router dtype), then as shipped (the router in float32 on a CPU without bfloat16 "
+        "arithmetic), and print both",
+    )
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--limit", type=int, help="only the first N queries")
+    args = ap.parse_args()
+    if args.compare_dtype and (args.gateway or args.router_url):
+        ap.error("--compare-dtype starts its own workers: not with --gateway / --router-url")
+    rows = load_rows(args.data)[: args.limit]
+    from service.affinity import has_native_bf16
+
+    print(f"this CPU computes in bfloat16 natively: {has_native_bf16()}")
+    results: dict[str, Any] = {}
+    if args.compare_dtype:
+        saved = os.environ.get("OCTOGRAPH_WORKER_DTYPE")
+        os.environ["OCTOGRAPH_WORKER_DTYPE"] = "bfloat16"
+        try:
+            results["bfloat16"] = run_once(args, rows)
+        finally:
+            os.environ.pop("OCTOGRAPH_WORKER_DTYPE")
+            if saved is not None:
+                os.environ["OCTOGRAPH_WORKER_DTYPE"] = saved
+    results["shipped"] = run_once(args, rows)
+    for label, result in results.items():
+        report(f"[{label}] " if len(results) > 1 else "", result, show_misses=label == "shipped")
+    if len(results) > 1:
+        before = results["bfloat16"]["client_ms"]["p50"]
+        now = results["shipped"]["client_ms"]["p50"]
+        print(f"client p50: bfloat16 {before:.1f} ms, shipped {now:.1f} ms ({before / now:.2f}x)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result["load_average"] = os.getloadavg()
-    (RESULTS / "routing_latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    out = results["shipped"] if len(results) == 1 else results
+    (RESULTS / "routing_latency.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

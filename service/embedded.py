@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from service.affinity import format_cpu_list, usable_cpus
-from service.config import GatewaySettings, StartupError
+from service.affinity import format_cpu_list, has_native_bf16, usable_cpus
+from service.config import GatewaySettings, StartupError, WorkerSettings
 from service.graph.schema import EnsembleNode, GraphConfig, ModelNode, RouterNode, load_graph
 from service.internal_auth import SECRET_ENV, write_secret_file
 
@@ -302,15 +302,24 @@ def worker_env(graph: GraphConfig, model: str) -> dict[str, str]:
 ANSWER_MAX_NUM_SEQS = 32
 ANSWER_FULL_SEQUENCES = 8
 ROUTER_MAX_NUM_SEQS = 32
-ROUTER_TOKENS_PER_SEQUENCE = 512
+# A router prompt is a 64-token system prefix, one copy shared by every sequence (prefix
+# caching), plus the query's tail: 10-40 tokens for most queries, ~600 at most.
+ROUTER_TOKENS_PER_SEQUENCE = 256
 KV_FLOOR_GIB = 1 / 16
-# bfloat16 (WorkerSettings.dtype): bytes per KV element.
-KV_DTYPE_BYTES = 2
+# Bytes per KV element by WorkerSettings.dtype.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# A model that only routes runs in float32 on a CPU without bfloat16 arithmetic: its scoring
+# forward is a prefill of the query's tokens, compute-bound, and oneDNN emulates bfloat16 by
+# converting each operand (16-layer router, /internal/score p50 116 -> 63 ms on this 2-core
+# VM, AVX-512 without AVX512-BF16; bench/routing_latency.py --dtype-compare). Its weights
+# (0.17 -> 0.34 GB) are the cost. Models that answer stay in bfloat16: their decode steps
+# read weights and KV, and halving those is what the memory budget needs.
+ROUTER_DTYPE_WITHOUT_NATIVE_BF16 = "float32"
 
 
-def kv_bytes_per_token(model_dir: Path) -> int | None:
-    """Bytes of K and V for one token over all layers, from the model's config.json (None
-    when it cannot be read: the worker's own default then applies)."""
+def kv_bytes_per_token(model_dir: Path, dtype: str = "bfloat16") -> int | None:
+    """Bytes of K and V for one token over all layers in `dtype`, from the model's
+    config.json (None when it cannot be read: the worker's own default then applies)."""
     import json
 
     try:
@@ -326,21 +335,30 @@ def kv_bytes_per_token(model_dir: Path) -> int | None:
         )
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return None
-    return 2 * layers * heads * head_dim * KV_DTYPE_BYTES
+    return 2 * layers * heads * head_dim * DTYPE_BYTES.get(dtype, 2)
 
 
-def role_settings(graph: GraphConfig, model: str, model_dir: Path) -> dict[str, str]:
-    """Worker settings sized from the model's role: sequences at once, KV space, and the
-    engine's model runner in the engine-core process (vllm_engine.build_engine)."""
+def role_settings(
+    graph: GraphConfig, model: str, model_dir: Path, *, native_bf16: bool | None = None
+) -> dict[str, str]:
+    """Worker settings sized from the model's role: sequences at once, KV space, the
+    engine's model runner in the engine-core process (vllm_engine.build_engine), and a
+    router's dtype (`native_bf16`: whether the CPU computes in bfloat16; None: this one's)."""
+    if native_bf16 is None:
+        native_bf16 = has_native_bf16()
     routes, _, answers = _roles(graph, model)
     max_model_len = graph.worker_models()[model].max_model_len
+    env = {"OCTOGRAPH_WORKER_EXECUTOR": "uni"}
+    dtype = WorkerSettings.model_fields["dtype"].default
     if answers or not routes:
         seqs, tokens = ANSWER_MAX_NUM_SEQS, ANSWER_FULL_SEQUENCES * max_model_len
     else:
         seqs = ROUTER_MAX_NUM_SEQS
         tokens = seqs * min(ROUTER_TOKENS_PER_SEQUENCE, max_model_len)
-    env = {"OCTOGRAPH_WORKER_MAX_NUM_SEQS": str(seqs), "OCTOGRAPH_WORKER_EXECUTOR": "uni"}
-    per_token = kv_bytes_per_token(model_dir)
+        if not native_bf16:
+            dtype = env["OCTOGRAPH_WORKER_DTYPE"] = ROUTER_DTYPE_WITHOUT_NATIVE_BF16
+    env["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] = str(seqs)
+    per_token = kv_bytes_per_token(model_dir, dtype)
     if per_token:
         gib = max(KV_FLOOR_GIB, tokens * per_token / (1 << 30))
         env["OCTOGRAPH_WORKER_KV_CACHE_GIB"] = f"{gib:.4f}"

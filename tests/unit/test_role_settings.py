@@ -51,14 +51,25 @@ def test_roles_of_the_default_graph(tmp_path: Path) -> None:
         ANSWER_FULL_SEQUENCES * 2048 * per_token / (1 << 30), rel=1e-3
     )
     router_dir = model_dir(tmp_path, "router", **{**SMOL, "num_hidden_layers": 16})
-    router = role_settings(graph, "router", router_dir)
+    router = role_settings(graph, "router", router_dir, native_bf16=True)
     assert router["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] == str(ROUTER_MAX_NUM_SEQS)
+    assert "OCTOGRAPH_WORKER_DTYPE" not in router  # the worker's bfloat16
     tokens = ROUTER_MAX_NUM_SEQS * ROUTER_TOKENS_PER_SEQUENCE
     assert float(router["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) == pytest.approx(
         tokens * 2 * 16 * 3 * 64 * 2 / (1 << 30), rel=1e-3
     )
     # Far below the 2 GiB each worker had: the router needs a few hundred tokens a sequence.
     assert float(router["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) < 0.25
+    # A CPU without bfloat16 arithmetic: the router in float32, its KV space in 4-byte
+    # elements; the models that answer stay in bfloat16 either way.
+    emulated = role_settings(graph, "router", router_dir, native_bf16=False)
+    assert emulated["OCTOGRAPH_WORKER_DTYPE"] == "float32"
+    assert float(emulated["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) == pytest.approx(
+        tokens * 2 * 16 * 3 * 64 * 4 / (1 << 30), rel=1e-3
+    )
+    for native in (True, False):
+        leaf = role_settings(graph, "smollm2", tmp_path / "smollm2", native_bf16=native)
+        assert "OCTOGRAPH_WORKER_DTYPE" not in leaf
     # No config.json (a fake engine): the worker's own default KV size stays.
     assert "OCTOGRAPH_WORKER_KV_CACHE_GIB" not in role_settings(graph, "gemma3", tmp_path)
 
@@ -75,3 +86,15 @@ def test_a_users_settings_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     embedded.start_workers(graph, dirs, tmp_path / "logs", environ=environ)
     assert spawned[0]["OCTOGRAPH_WORKER_KV_CACHE_GIB"] == "2"
     assert spawned[0]["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] == str(ROUTER_MAX_NUM_SEQS)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    from service.affinity import cpu_flags, has_native_bf16
+
+    sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
+    skylake = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+    graviton = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n"
+    assert has_native_bf16(cpu_flags(sapphire))
+    assert has_native_bf16(cpu_flags(graviton))
+    assert not has_native_bf16(cpu_flags(skylake))
+    assert cpu_flags("no flags here") == frozenset()

@@ -143,6 +143,10 @@ class WorkerSettings(BaseSettings):
     # reproduce; other sampling, scoring and byte-level capture read the cache. False trades
     # that guarantee for prefix reuse on long seeded/greedy prompts.
     reproducible_generation: bool = True
+    compile: bool = Field(
+        True,
+        description="torch.compile the model at start (False: eager, vLLM's enforce_eager)",
+    )
     executor: Literal["mp", "uni"] | None = Field(
         None, description="vLLM executor backend (None: vLLM's choice, 'mp' on CPU)"
     )

@@ -303,8 +303,10 @@ ANSWER_MAX_NUM_SEQS = 32
 ANSWER_FULL_SEQUENCES = 8
 ROUTER_MAX_NUM_SEQS = 32
 # A router prompt is a 64-token system prefix, one copy shared by every sequence (prefix
-# caching), plus the query's tail: 10-40 tokens for most queries, ~600 at most.
-ROUTER_TOKENS_PER_SEQUENCE = 256
+# caching), plus the query's tail: 10-40 tokens for most queries (one 32-token block), ~600
+# at most. 32 x 64 = 2,048 tokens hold 32 typical queries at once (~1,100 tokens) or the
+# longest one beside others; past that a query waits for a block rather than failing.
+ROUTER_TOKENS_PER_SEQUENCE = 64
 KV_FLOOR_GIB = 1 / 16
 # Bytes per KV element by WorkerSettings.dtype.
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}

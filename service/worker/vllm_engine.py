@@ -156,6 +156,7 @@ class VLLMEngine:
             # alone: a one-sequence request is not queued behind a fan-out's waiting sequences.
             scheduling_policy="priority",
             dtype=self._settings.dtype,  # type: ignore[arg-type]
+            enforce_eager=not self._settings.compile,
             max_logprobs=20,
             enable_prefix_caching=True,
             block_size=self._settings.block_size,

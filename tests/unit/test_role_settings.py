@@ -11,6 +11,7 @@ import pytest
 
 from service.embedded import (
     ANSWER_FULL_SEQUENCES,
+    KV_FLOOR_GIB,
     ROUTER_MAX_NUM_SEQS,
     ROUTER_TOKENS_PER_SEQUENCE,
     kv_bytes_per_token,
@@ -50,13 +51,13 @@ def test_roles_of_the_default_graph(tmp_path: Path) -> None:
     assert float(leaf["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) == pytest.approx(
         ANSWER_FULL_SEQUENCES * 2048 * per_token / (1 << 30), rel=1e-3
     )
-    router_dir = model_dir(tmp_path, "router", **{**SMOL, "num_hidden_layers": 16})
+    router_dir = model_dir(tmp_path, "router", **{**SMOL, "num_hidden_layers": 24})
     router = role_settings(graph, "router", router_dir, native_bf16=True)
     assert router["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] == str(ROUTER_MAX_NUM_SEQS)
     assert "OCTOGRAPH_WORKER_DTYPE" not in router  # the worker's bfloat16
     tokens = ROUTER_MAX_NUM_SEQS * ROUTER_TOKENS_PER_SEQUENCE
     assert float(router["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) == pytest.approx(
-        tokens * 2 * 16 * 3 * 64 * 2 / (1 << 30), rel=1e-3
+        max(KV_FLOOR_GIB, tokens * 2 * 24 * 3 * 64 * 2 / (1 << 30)), rel=1e-3
     )
     # Far below the 2 GiB each worker had: the router needs a few hundred tokens a sequence.
     assert float(router["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) < 0.25
@@ -65,7 +66,7 @@ def test_roles_of_the_default_graph(tmp_path: Path) -> None:
     emulated = role_settings(graph, "router", router_dir, native_bf16=False)
     assert emulated["OCTOGRAPH_WORKER_DTYPE"] == "float32"
     assert float(emulated["OCTOGRAPH_WORKER_KV_CACHE_GIB"]) == pytest.approx(
-        tokens * 2 * 16 * 3 * 64 * 4 / (1 << 30), rel=1e-3
+        max(KV_FLOOR_GIB, tokens * 2 * 24 * 3 * 64 * 4 / (1 << 30)), rel=1e-3
     )
     for native in (True, False):
         leaf = role_settings(graph, "smollm2", tmp_path / "smollm2", native_bf16=native)

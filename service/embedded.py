@@ -313,7 +313,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # A model that only routes runs in float32 on a CPU without bfloat16 arithmetic: its scoring
 # forward is a prefill of the query's tokens, compute-bound, and oneDNN emulates bfloat16 by
 # converting each operand (16-layer router, /internal/score p50 116 -> 63 ms on this 2-core
-# VM, AVX-512 without AVX512-BF16; bench/routing_latency.py --dtype-compare). Its weights
+# VM, AVX-512 without AVX512-BF16; bench/routing_latency.py --compare-dtype). Its weights
 # (0.17 -> 0.34 GB) are the cost. Models that answer stay in bfloat16: their decode steps
 # read weights and KV, and halving those is what the memory budget needs.
 ROUTER_DTYPE_WITHOUT_NATIVE_BF16 = "float32"
@@ -341,11 +341,17 @@ def kv_bytes_per_token(model_dir: Path, dtype: str = "bfloat16") -> int | None:
 
 
 def role_settings(
-    graph: GraphConfig, model: str, model_dir: Path, *, native_bf16: bool | None = None
+    graph: GraphConfig,
+    model: str,
+    model_dir: Path,
+    *,
+    native_bf16: bool | None = None,
+    user_dtype: str | None = None,
 ) -> dict[str, str]:
     """Worker settings sized from the model's role: sequences at once, KV space, the
     engine's model runner in the engine-core process (vllm_engine.build_engine), and a
-    router's dtype (`native_bf16`: whether the CPU computes in bfloat16; None: this one's)."""
+    router's dtype (`native_bf16`: whether the CPU computes in bfloat16; None: this one's).
+    `user_dtype` (the user's OCTOGRAPH_WORKER_DTYPE) wins, and the KV space is sized for it."""
     if native_bf16 is None:
         native_bf16 = has_native_bf16()
     routes, _, answers = _roles(graph, model)
@@ -359,6 +365,9 @@ def role_settings(
         tokens = seqs * min(ROUTER_TOKENS_PER_SEQUENCE, max_model_len)
         if not native_bf16:
             dtype = env["OCTOGRAPH_WORKER_DTYPE"] = ROUTER_DTYPE_WITHOUT_NATIVE_BF16
+    if user_dtype:
+        dtype = user_dtype
+        env.pop("OCTOGRAPH_WORKER_DTYPE", None)
     env["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] = str(seqs)
     per_token = kv_bytes_per_token(model_dir, dtype)
     if per_token:
@@ -443,7 +452,8 @@ def start_workers(
             cmd += ["--cpus", format_cpu_list(cpus)]
         if graph.worker_models()[name].engine == "fake":
             cmd.append("--fake")
-        sized = {k: v for k, v in role_settings(graph, name, path).items() if k not in base_env}
+        role = role_settings(graph, name, path, user_dtype=base_env.get("OCTOGRAPH_WORKER_DTYPE"))
+        sized = {k: v for k, v in role.items() if k not in base_env}
         env = {**base_env, "OCTOGRAPH_WORKER_LOG_JSON": "true", **sized, **worker_env(graph, name)}
         proc = spawn(cmd, env, log_path)
         workers.append(WorkerProcess(name, port, proc, log_path, cmd, env))

@@ -71,6 +71,10 @@ def test_roles_of_the_default_graph(tmp_path: Path) -> None:
     for native in (True, False):
         leaf = role_settings(graph, "smollm2", tmp_path / "smollm2", native_bf16=native)
         assert "OCTOGRAPH_WORKER_DTYPE" not in leaf
+    # The user's OCTOGRAPH_WORKER_DTYPE wins, and the KV space is sized in its element size.
+    users = role_settings(graph, "router", router_dir, native_bf16=False, user_dtype="bfloat16")
+    assert "OCTOGRAPH_WORKER_DTYPE" not in users
+    assert users["OCTOGRAPH_WORKER_KV_CACHE_GIB"] == router["OCTOGRAPH_WORKER_KV_CACHE_GIB"]
     # No config.json (a fake engine): the worker's own default KV size stays.
     assert "OCTOGRAPH_WORKER_KV_CACHE_GIB" not in role_settings(graph, "gemma3", tmp_path)
 

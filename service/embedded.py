@@ -363,11 +363,9 @@ def role_settings(
     else:
         seqs = ROUTER_MAX_NUM_SEQS
         tokens = seqs * min(ROUTER_TOKENS_PER_SEQUENCE, max_model_len)
-        if not native_bf16:
+        if not native_bf16 and not user_dtype:
             dtype = env["OCTOGRAPH_WORKER_DTYPE"] = ROUTER_DTYPE_WITHOUT_NATIVE_BF16
-    if user_dtype:
-        dtype = user_dtype
-        env.pop("OCTOGRAPH_WORKER_DTYPE", None)
+    dtype = user_dtype or dtype
     env["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] = str(seqs)
     per_token = kv_bytes_per_token(model_dir, dtype)
     if per_token:
@@ -428,6 +426,7 @@ def start_workers(
         base_env[SECRET_ENV] = str(secret_file)
     workers = []
     placement = plan_placement(graph, list(dirs), usable_cpus())
+    native_bf16 = has_native_bf16()  # /proc/cpuinfo once, not once a worker
     for name, path in dirs.items():
         port = free_port()
         log_path = log_dir / f"worker-{name}.log"
@@ -452,7 +451,13 @@ def start_workers(
             cmd += ["--cpus", format_cpu_list(cpus)]
         if graph.worker_models()[name].engine == "fake":
             cmd.append("--fake")
-        role = role_settings(graph, name, path, user_dtype=base_env.get("OCTOGRAPH_WORKER_DTYPE"))
+        role = role_settings(
+            graph,
+            name,
+            path,
+            native_bf16=native_bf16,
+            user_dtype=base_env.get("OCTOGRAPH_WORKER_DTYPE"),
+        )
         sized = {k: v for k, v in role.items() if k not in base_env}
         env = {**base_env, "OCTOGRAPH_WORKER_LOG_JSON": "true", **sized, **worker_env(graph, name)}
         proc = spawn(cmd, env, log_path)

@@ -146,6 +146,7 @@ async def ensemble_speed(
     speculate_min_p: float | None,
     seed: int,
     prompt: str,
+    sessions: bool = True,
 ) -> dict[str, Any]:
     node = graph.nodes[node_id]
     assert isinstance(node, EnsembleNode)
@@ -166,6 +167,7 @@ async def ensemble_speed(
         runner.speculate_min_p = speculate_min_p
     if SPECULATE_WITH:
         runner.speculate_with = SPECULATE_WITH[0]
+    runner.sessions = sessions
     for m in node.members:  # tokenizer tables load once per gateway, not per request
         await runner.assets.get(m.model)
     # The request as the gateway plans it, run through the ensemble runner's seam.
@@ -203,6 +205,7 @@ async def ensemble_speed(
         },
         "speculate_min_p": runner.speculate_min_p,
         "speculate_with": runner.speculate_with,
+        "sessions": sessions,
         "bytes": n,
         "seconds": seconds,
         "bytes_per_s": n / seconds,
@@ -244,13 +247,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.samples):
             for m in node.members:
                 members.append(await token_speed(urls[m.model], m.model, args.tokens, i))
-            runs = [(samples, args.speculate, args.seed + i)]
-            if args.compare_speculate is not None:
+            runs = [(samples, args.speculate, args.seed + i, True)]
+            if args.compare_speculate is not None or args.compare_sessions:
                 # Its own seed (a repeated one would find the first run's paths cached), and
                 # first on every other sample (the second run finds the prompt's paths cached).
-                other = (compared, args.compare_speculate, args.seed + i + 50_000)
+                other = (
+                    compared,
+                    args.speculate if args.compare_sessions else args.compare_speculate,
+                    args.seed + i + 50_000,
+                    not args.compare_sessions,
+                )
                 runs = [other, *runs] if i % 2 == 0 else [*runs, other]
-            for into, speculate, seed in runs:
+            for into, speculate, seed, sessions in runs:
                 into.append(
                     await ensemble_speed(
                         graph,
@@ -262,6 +270,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         args.speculate_min_p,
                         seed,
                         PROMPTS[i % len(PROMPTS)],
+                        sessions,
                     )
                 )
     finally:
@@ -278,6 +287,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         other = _pooled(compared)
         other_first = [e["first_byte_seconds"] for e in compared if e["first_byte_seconds"]]
         comparison = {
+            "label": "without sessions"
+            if args.compare_sessions
+            else f"speculate {args.compare_speculate}",
             "speculate": args.compare_speculate,
             "samples": compared,
             "ensemble_pooled": other,
@@ -311,7 +323,7 @@ def _pooled_calls(samples: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                 entry[k] = entry.get(k, 0.0) + v
         for model, t in e["trees"].items():
             entry = out.setdefault(model, {})
-            for k in ("new_paths", "speculated", "speculation_hits", "steps"):
+            for k in ("new_paths", "speculated", "speculation_hits", "steps", "extended"):
                 entry[k] = entry.get(k, 0.0) + t.get(k, 0.0)
     return out
 
@@ -375,6 +387,12 @@ def main() -> int:
         help="also run each sample's ensemble with speculate N (own seed, order alternating), "
         "pooled and printed beside the main figures",
     )
+    p.add_argument(
+        "--compare-sessions",
+        action="store_true",
+        help="also run each sample's ensemble without the workers' streaming sessions (a new "
+        "engine request per token path; own seed, order alternating), printed beside",
+    )
     p.add_argument("--url", action="append", default=[], metavar="MODEL=URL")
     args = p.parse_args()
     if args.speculate_with:
@@ -398,10 +416,10 @@ def main() -> int:
     if comparison is not None:
         for e in comparison["samples"]:
             print_sample(e)
-        print_calls(comparison["byte_dist_pooled"], f"speculate {comparison['speculate']} ")
+        print_calls(comparison["byte_dist_pooled"], f"{comparison['label']} ")
         c = comparison["ensemble_pooled"]
         print(
-            f"pooled ensemble, speculate {comparison['speculate']}: {c['bytes_per_s']:7.1f} "
+            f"pooled ensemble, {comparison['label']}: {c['bytes_per_s']:7.1f} "
             f"bytes/s, ratio {comparison['ratio']:.3f}, first byte "
             f"{comparison['first_byte_seconds_mean']:.2f}s"
         )
@@ -430,7 +448,8 @@ def print_calls(calls: dict[str, dict[str, float]], label: str) -> None:
             f"{1000 * c.get('fetching_seconds', 0) / fetching:.0f} ms each; the others "
             f"{1000 * (c['seconds'] - c.get('fetching_seconds', 0)) / plain:.0f} ms); "
             f"{int(c.get('new_paths', 0))} new paths, {int(c.get('speculated', 0))} speculated, "
-            f"{int(c.get('speculation_hits', 0))} of them used"
+            f"{int(c.get('speculation_hits', 0))} of them used, "
+            f"{int(c.get('extended', 0))} rows as a session's extension"
         )
 
 
@@ -439,7 +458,8 @@ def print_sample(e: dict[str, Any]) -> None:
         f"ensemble {e['node']:<8} seed {e['seed']}: {e['bytes']:5d} bytes in {e['seconds']:6.2f}s "
         f"= {e['bytes_per_s']:7.1f} bytes/s (first distribution after {e['open_seconds']:.2f}s, "
         f"prune {e['prune']:g}, speculate {e['speculate']} (min p "
-        f"{e['speculate_min_p']:g}, {e['speculate_with']}), first byte after "
+        f"{e['speculate_min_p']:g}, {e['speculate_with']}), sessions "
+        f"{'on' if e.get('sessions', True) else 'off'}, first byte after "
         f"{e['first_byte_seconds'] or 0:.2f}s)"
     )
     for model, c in e["byte_dist"].items():

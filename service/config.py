@@ -164,6 +164,14 @@ class WorkerSettings(BaseSettings):
     byte_dist_timeout_s: PositiveFloat = Field(
         120.0, description="deadline of one /internal/byte-dist request's model forwards"
     )
+    path_sessions: int = Field(
+        4,
+        ge=0,
+        le=32,
+        description="byte-level scoring: live vLLM streaming sessions that extend a token path "
+        "by its next tokens in one step (service/worker/path_sessions.py); each paused one "
+        "holds its KV and one of max_num_seqs; 0: a new engine request per path",
+    )
     byte_dist_cache_mib: PositiveInt = Field(
         256, description="LRU of prepared paths for byte-level scoring (2 MiB a Gemma-3 path)"
     )

@@ -135,6 +135,12 @@ class ByteDistRequest(InternalModel):
         description="step: children of the cached paths ride in the engine step of a path this "
         "request needs (none when it needs none); background: after answering, on their own",
     )
+    sessions: bool = Field(
+        True,
+        description="compute a new path as an extension of the worker's live streaming session "
+        "of its parent when there is one (service/worker/path_sessions.py); False: a new engine "
+        "request per path (benches compare the two)",
+    )
 
 
 class ByteDistResult(InternalModel):
@@ -159,6 +165,9 @@ class ByteDistResponse(InternalModel):
     fetched: int = Field(0, description="paths this request computed (engine rows waited for)")
     speculated: int = Field(0, description="children it fetched ahead (speculation)")
     speculation_hits: int = Field(0, description="its paths that speculation had fetched")
+    extended: int = Field(
+        0, description="of the fetched paths, those computed as a live session's extension"
+    )
 
 
 class WorkerInfo(InternalModel):

@@ -60,6 +60,12 @@ def add_ensemble_commands(sub: Any) -> None:
         default=None,
         help="share of the mass a speculated child's token needs (default: the gateway's)",
     )
+    ev.add_argument(
+        "--no-sessions",
+        action="store_true",
+        help="a new engine request per token path instead of extending the workers' streaming "
+        "sessions. It changes how a row is computed, never the scores",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_eval)
 
@@ -126,7 +132,12 @@ def _eval(args: argparse.Namespace) -> int:
             urls.update({p.name: p.url for p in procs})
         min_p = DEFAULT_SPECULATE_MIN_P if args.speculate_min_p is None else args.speculate_min_p
         oracles = {
-            m: WorkerOracle(urls[m], speculate=args.speculate, speculate_min_p=min_p)
+            m: WorkerOracle(
+                urls[m],
+                speculate=args.speculate,
+                speculate_min_p=min_p,
+                sessions=not args.no_sessions,
+            )
             for m, _ in members
         }
         plan = []
@@ -141,6 +152,7 @@ def _eval(args: argparse.Namespace) -> int:
                 "fetched": o.fetched,
                 "speculated": o.speculated,
                 "speculation_hits": o.speculation_hits,
+                "extended": o.extended,
             }
             for m, o in oracles.items()
         }

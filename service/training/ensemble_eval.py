@@ -47,10 +47,12 @@ class WorkerOracle:
         *,
         speculate: int = 0,
         speculate_min_p: float = 0.0,
+        sessions: bool = True,
     ) -> None:
         self.url = url.rstrip("/")
         self.speculate = speculate  # background speculation (service/worker/byte_dist.py)
         self.speculate_min_p = speculate_min_p
+        self.sessions = sessions  # streaming sessions (service/worker/path_sessions.py)
         self.http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), trust_env=False)
         self.calls = 0
         self.queries = 0
@@ -59,6 +61,7 @@ class WorkerOracle:
         self.fetched = 0
         self.speculated = 0
         self.speculation_hits = 0
+        self.extended = 0
 
     def reduce(self, queries: Sequence[ReductionQuery]) -> list[Reduction]:
         out: list[Reduction] = []
@@ -70,6 +73,7 @@ class WorkerOracle:
                 queries=to_wire(part),
                 speculate=self.speculate,
                 speculate_min_p=self.speculate_min_p,
+                sessions=self.sessions,
             )
             r = self.http.post(
                 f"{self.url}/internal/byte-dist",
@@ -83,6 +87,7 @@ class WorkerOracle:
             self.fetched += answer.fetched
             self.speculated += answer.speculated
             self.speculation_hits += answer.speculation_hits
+            self.extended += answer.extended
             self.calls += 1
             self.queries += len(part)
         self.seconds += time.perf_counter() - t0

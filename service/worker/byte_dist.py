@@ -48,6 +48,9 @@ Path = tuple[int, ...]
 Float32Array = npt.NDArray[np.float32]
 # Full next-token log-probabilities (float32, indexed by token id) for each prefix, in order.
 FetchDistributions = Callable[[list[list[int]]], Awaitable[list[Float32Array]]]
+# The same through live streaming sessions (service.worker.path_sessions): the rows, and how
+# many of them were computed as an extension of a session.
+ExtendDistributions = Callable[[list[list[int]]], Awaitable[tuple[list[Float32Array], int]]]
 
 # include_logprobs ships whole vectors (~1 MB each for Gemma-3): a debugging aid, kept small.
 MAX_QUERIES_WITH_LOGPROBS = 8
@@ -74,6 +77,14 @@ class ByteDistStats:
     speculation_hits: int = 0  # paths a request found speculated (cached or in flight)
     speculation_skipped: int = 0  # children not speculated: too many in flight
     speculation_failures: int = 0  # background fetches that failed (the asker fetches again)
+
+
+@dataclass
+class _Fetching:
+    """How one request fetches its rows, and what that cost."""
+
+    sessions: bool  # through the worker's streaming sessions, when it has them
+    extended: int = 0  # rows computed as a session's extension
 
 
 class PreparedCache:
@@ -120,9 +131,11 @@ class ByteDistScorer:
         token_id_limit: int,
         max_model_len: int,
         cache_bytes: int = 256 << 20,
+        extend: ExtendDistributions | None = None,
     ) -> None:
         self.table = table
         self._fetch = fetch
+        self._extend = extend
         self.token_id_limit = token_id_limit  # ids the model can take as input: [0, limit)
         self.max_model_len = max_model_len
         self.cache = PreparedCache(cache_bytes)
@@ -181,8 +194,10 @@ class ByteDistScorer:
                 self.cache.put(path, prep)
             return ByteDistResponse(results=results)
         in_step = request.speculate > 0 and request.speculate_with == "step"
+        fetching = _Fetching(sessions=request.sessions)
         preps, fetched, hits, speculated = await self._prepared(
             paths,
+            fetching,
             queries if in_step else (),
             request.speculate,
             request.speculate_min_p,
@@ -200,11 +215,13 @@ class ByteDistScorer:
             fetched=len(fetched),
             speculated=speculated,
             speculation_hits=len(hits),
+            extended=fetching.extended,
         )
 
     async def _prepared(
         self,
         paths: Sequence[Path],
+        fetching: _Fetching,
         guess_from: Sequence[ParsedQuery] = (),
         per_query: int = 0,
         min_probability: float = 0.0,
@@ -246,7 +263,7 @@ class ByteDistScorer:
                 self._speculated.popitem(last=False)
             self.stats.speculated += len(extra)
         if missing:
-            fetched_now = await self._fetch_new(missing + extra)
+            fetched_now = await self._fetch_new(missing + extra, fetching)
             found.update({p: fetched_now[p] for p in missing})
         retry: list[Path] = []
         for path, fut in waiting.items():
@@ -256,10 +273,19 @@ class ByteDistScorer:
             except SpeculationFailed:
                 retry.append(path)  # speculation's failure is not this request's
         if retry:
-            found.update(await self._fetch_new(retry))
+            found.update(await self._fetch_new(retry, fetching))
         return found, missing + retry, hits, len(extra)
 
-    async def _fetch_new(self, missing: list[Path]) -> dict[Path, Prepared]:
+    async def _fetch_rows(
+        self, prefixes: list[list[int]], fetching: _Fetching
+    ) -> list[Float32Array]:
+        if fetching.sessions and self._extend is not None:
+            rows, extended = await self._extend(prefixes)
+            fetching.extended += extended
+            return rows
+        return await self._fetch(prefixes)
+
+    async def _fetch_new(self, missing: list[Path], fetching: _Fetching) -> dict[Path, Prepared]:
         """Fetch `missing` (none cached or in flight), registered as in flight meanwhile."""
         found: dict[Path, Prepared] = {}
         if missing:
@@ -270,7 +296,7 @@ class ByteDistScorer:
                 fut.add_done_callback(_consume_exception)
                 self._inflight[path] = fut
             try:
-                rows = await self._fetch([list(p) for p in missing])
+                rows = await self._fetch_rows([list(p) for p in missing], fetching)
                 self.stats.forwards += len(missing)
                 fresh = await asyncio.to_thread(self._prepare_rows, missing, rows)
             except BaseException as exc:

@@ -780,14 +780,16 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------
 # Worker side: requests.
 # ---------------------------------------------------------------------------------------------
-def capture_sampling_params(key: str) -> SamplingParams:
+def capture_sampling_params(key: str, *, streaming: bool = False) -> SamplingParams:
     """Sampling parameters for one capture request.
 
     ``max_tokens=1``: the processor forces the sampled token, so nothing real is generated.
     Greedy: argmax of the forced row is the forced token, and a greedy row does not pull an
     otherwise greedy batch onto vLLM's random-sampling path. ``ignore_eos``: the forced token
     may happen to be an EOS id; the request ends on length either way, and the token must come
-    back in ``token_ids``. ``FINAL_ONLY``: one output message per request.
+    back in ``token_ids``. ``FINAL_ONLY``: one output message per request; ``streaming``
+    (a chunk of a streaming-input session, service.worker.path_sessions): ``DELTA``, which
+    vLLM requires there, and still one message per chunk (one token each).
     """
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -797,7 +799,7 @@ def capture_sampling_params(key: str) -> SamplingParams:
         temperature=0.0,
         detokenize=False,
         ignore_eos=True,
-        output_kind=RequestOutputKind.FINAL_ONLY,
+        output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
         extra_args={CAPTURE_EXTRA_ARG: key},
     )
 
@@ -837,7 +839,7 @@ def fit_to_vocab(row: Float32Array, tokenizer_vocab: int) -> Float32Array:
     return out
 
 
-async def _one_distribution(
+async def one_distribution(
     engine: AsyncLLM,
     channel: CaptureChannel,
     prefix: list[int],
@@ -892,18 +894,18 @@ async def full_distributions(
             async with asyncio.TaskGroup() as group:
                 tasks = [
                     group.create_task(
-                        _one_distribution(engine, channel, list(p), sizes.tokenizer, deadline)
+                        one_distribution(engine, channel, list(p), sizes.tokenizer, deadline)
                     )
                     for p in prefixes
                 ]
     except BaseExceptionGroup as group_error:
         # Callers want the failure itself (TimeoutError, CaptureError, vLLM's validation
         # error), not a TaskGroup wrapper.
-        raise _first_leaf(group_error) from group_error
+        raise first_leaf(group_error) from group_error
     return [task.result() for task in tasks]
 
 
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     first = group.exceptions[0]
     while isinstance(first, BaseExceptionGroup):
         first = first.exceptions[0]
@@ -921,7 +923,9 @@ __all__ = [
     "FrameSender",
     "VocabSizes",
     "capture_sampling_params",
+    "first_leaf",
     "fit_to_vocab",
     "full_distributions",
+    "one_distribution",
     "vocab_sizes",
 ]

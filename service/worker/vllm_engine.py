@@ -124,6 +124,7 @@ class VLLMEngine:
         self._info: WorkerInfo | None = None
         self._running: set[str] = set()
         self._capture: Any = None  # capture.CaptureChannel when byte-level scoring is on
+        self._path_sessions: Any = None  # path_sessions.PathSessions when they are on
         # Byte-level scoring: the table loads in the background (Gemma-3's first build parses a
         # 33 MB tokenizer.json); byte_dist waits for it, generation never does.
         self._byte_scorer_task: asyncio.Task[ByteDistScorer] | None = None
@@ -283,6 +284,9 @@ class VLLMEngine:
     async def shutdown(self) -> None:
         if self._byte_scorer_task is not None:
             self._byte_scorer_task.cancel()
+        if self._path_sessions is not None:
+            await self._path_sessions.close()
+            self._path_sessions = None
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
@@ -472,6 +476,16 @@ class VLLMEngine:
         async def fetch(prefixes: list[list[int]]) -> list[Any]:
             return await capture.full_distributions(llm, channel, prefixes, timeout_s=timeout_s)
 
+        extend = None
+        if self._settings.path_sessions > 0:
+            from service.worker.path_sessions import PathSessions
+
+            sessions = PathSessions(llm, channel, max_sessions=self._settings.path_sessions)
+            self._path_sessions = sessions
+
+            async def extend(prefixes: list[list[int]]) -> tuple[list[Any], int]:
+                return await sessions.fetch(prefixes, timeout_s=timeout_s)
+
         freeze_startup_heap()
         log.info(
             "byte-level scoring ready",
@@ -483,6 +497,7 @@ class VLLMEngine:
             token_id_limit=min(sizes.tokenizer, sizes.model),
             max_model_len=self._settings.max_model_len,
             cache_bytes=self._settings.byte_dist_cache_mib << 20,
+            extend=extend,
         )
 
     async def _byte_scorer(self) -> ByteDistScorer:

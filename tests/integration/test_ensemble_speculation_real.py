@@ -1,6 +1,7 @@
 """Speculation (workers fetching the likeliest children of new paths ahead) changes when and
-in which engine step a row is computed, never the scores: bits per byte of `blend` and its
-members on held-out text, with the default pruning, equal with speculation on and off.
+in which engine step a row is computed, and streaming sessions (a child path computed as its
+parent's session's next chunk) how its KV was computed, never the scores: bits per byte of
+`blend` and its members on held-out text, with the default pruning, equal with each on and off.
 
 Each side runs `octograph ensemble eval` as a command that starts its own workers (as
 `octograph up` configures ensemble members) and stops them: a worker keeps every row it
@@ -41,12 +42,13 @@ SPECULATE_MIN_P = 0.0
 TOL_BPB = 1e-4
 
 
-def eval_fresh_workers(speculate: int) -> dict[str, Any]:
+def eval_fresh_workers(speculate: int, sessions: bool = True) -> dict[str, Any]:
     cmd = [
         sys.executable, "-m", "service.cli", "ensemble", "eval", "--node", "blend",
         "--config", str(CONFIG), "--text", str(HELD_OUT), "--max-bytes", str(HELD_OUT_BYTES),
         "--prune", str(DEFAULT_PRUNE), "--speculate", str(speculate),
         "--speculate-min-p", str(SPECULATE_MIN_P), "--json",
+        *([] if sessions else ["--no-sessions"]),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -66,5 +68,26 @@ def test_speculation_leaves_bits_per_byte_on_held_out_text_unchanged(tmp_path: P
     assert all(m["speculated"] == 0 for m in off["members"])
     for a, b in zip(off["members"], on["members"], strict=True):
         assert a["model"] == b["model"]
+        assert abs(a["bpb"] - b["bpb"]) <= TOL_BPB, (a, b)
+    assert abs(on["ensemble_bpb"] - off["ensemble_bpb"]) <= TOL_BPB, (on, off)
+
+
+def test_streaming_sessions_leave_bits_per_byte_on_held_out_text_unchanged() -> None:
+    for name in ("smollm2", "gemma3"):
+        if not packaged.is_prepared(name):
+            pytest.fail(f"packaged model {name} not prepared: run `octograph models prepare`")
+    off = eval_fresh_workers(0, sessions=False)
+    on = eval_fresh_workers(0, sessions=True)
+    assert on["bytes"] == off["bytes"] == HELD_OUT_BYTES
+    for a, b in zip(off["members"], on["members"], strict=True):
+        assert a["model"] == b["model"]
+        assert a["extended"] == 0, a
+        # Sessions ran. The eval asks for a whole layer of new paths per call (13 calls for
+        # 200 bytes), and only a path whose parent was computed in an earlier call can extend
+        # a session: ~13 rows a member, each used for several bytes; a wrong row moves
+        # bits/byte far more than TOL_BPB. (Generation, one path per call: 60% of new paths.)
+        assert b["extended"] > 0, b
+        # Same paths fetched either way: a session changes how a row is computed, not which.
+        assert a["fetched"] == b["fetched"], (a, b)
         assert abs(a["bpb"] - b["bpb"]) <= TOL_BPB, (a, b)
     assert abs(on["ensemble_bpb"] - off["ensemble_bpb"]) <= TOL_BPB, (on, off)

@@ -48,6 +48,7 @@ class PoolReducer:
         speculate: int = 0,
         speculate_min_p: float = 0.0,
         speculate_with: str = "step",
+        sessions: bool = True,
     ) -> None:
         self.pool = pool
         self.request_id = request_id
@@ -56,12 +57,15 @@ class PoolReducer:
         self.speculate = speculate
         self.speculate_min_p = speculate_min_p
         self.speculate_with = speculate_with
+        # New paths as extensions of the worker's streaming sessions (False: benches compare).
+        self.sessions = sessions
         self.calls = 0
         self.queries = 0
         self.fetched = 0  # paths the calls waited on a forward for
         self.fetching_calls = 0  # calls that waited on one or more forwards
         self.speculated = 0
         self.speculation_hits = 0
+        self.extended = 0  # fetched paths the worker computed as a session's extension
         self._replica: Replica | None = None
 
     async def reduce(self, queries: Sequence[ReductionQuery]) -> list[Reduction]:
@@ -79,6 +83,7 @@ class PoolReducer:
             speculate=self.speculate,
             speculate_min_p=self.speculate_min_p,
             speculate_with=self.speculate_with,
+            sessions=self.sessions,
         )
         tried: set[str] = set()
         while True:
@@ -103,6 +108,7 @@ class PoolReducer:
         self.fetching_calls += response.fetched > 0
         self.speculated += response.speculated
         self.speculation_hits += response.speculation_hits
+        self.extended += response.extended
         if len(response.results) != len(queries):
             raise UpstreamError("byte-dist answered a different number of results")
         return [from_wire(r) for r in response.results]

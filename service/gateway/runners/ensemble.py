@@ -103,7 +103,14 @@ class TreeTotals:
         "leaked_nats",
     )
     # From the members' workers (ByteDistResponse): rows waited for, rows fetched ahead.
-    WORKER_FIELDS = ("calls", "fetching_calls", "fetched", "speculated", "speculation_hits")
+    WORKER_FIELDS = (
+        "calls",
+        "fetching_calls",
+        "fetched",
+        "speculated",
+        "speculation_hits",
+        "extended",
+    )
 
     def __init__(self) -> None:
         self.by_model: dict[str, dict[str, float]] = {}
@@ -157,6 +164,9 @@ class EnsembleRunner:
         self.speculate = speculate  # for members that do not set their own
         self.speculate_min_p = speculate_min_p
         self.speculate_with = speculate_with
+        # New token paths as extensions of the workers' streaming sessions (benches set False
+        # to compare; service/worker/path_sessions.py).
+        self.sessions = True
         self.idle_timeout_s = idle_timeout_s
         self.totals = TreeTotals()
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="ensemble")
@@ -259,6 +269,7 @@ class EnsembleRunner:
                     speculate=speculate,
                     speculate_min_p=self.speculate_min_p,
                     speculate_with=self.speculate_with,
+                    sessions=self.sessions,
                 ),
             )
             for (model, weight, speculate), a, p in zip(spec, assets, prompts, strict=True)

@@ -12,6 +12,7 @@ run would read the first one's rows and compare nothing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,11 @@ def eval_fresh_workers(speculate: int, sessions: bool = True) -> dict[str, Any]:
         "--config", str(CONFIG), "--text", str(HELD_OUT), "--max-bytes", str(HELD_OUT_BYTES),
         "--prune", str(DEFAULT_PRUNE), "--speculate", str(speculate),
         "--speculate-min-p", str(SPECULATE_MIN_P), "--json",
-        *([] if sessions else ["--no-sessions"]),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    # Sessions off the way an operator turns them off: the workers' setting (the requests still
+    # allow them), which `octograph up` passes to every worker it starts.
+    env = os.environ | ({} if sessions else {"OCTOGRAPH_WORKER_PATH_SESSIONS": "0"})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out: dict[str, Any] = json.loads(proc.stdout)
     return out

@@ -2,8 +2,11 @@
 distributions (research/byte-level.md §4; the reduction itself is service.bytelevel.reduction).
 
 A request carries queries (token path, partial bytes). Each distinct path needs one full
-next-token distribution, fetched through ``fetch`` (in the vLLM worker: one ``max_tokens=1``
-capture request per path, all in flight together, see service.worker.capture). The
+next-token distribution, fetched through ``extend`` when the worker has streaming sessions and
+the request allows them (a child of the path a session scored last costs one decode-sized
+step, see service.worker.path_sessions) and through ``fetch`` otherwise (in the vLLM worker:
+one ``max_tokens=1`` capture request per path, all in flight together, see
+service.worker.capture). The
 distribution is gathered into the byte table's sorted order once (`reduction.Prepared`) and
 kept in an LRU bounded in bytes, so the covering tree's usual pattern, the same path asked
 again byte after byte with a growing partial, costs a slice of that array and no forward.

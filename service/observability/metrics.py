@@ -17,6 +17,14 @@ class WorkerMetrics:
         self.tokens = Counter(
             "octograph_worker_generated_tokens", "Tokens streamed", registry=registry
         )
+        # how: "session_step" (a live streaming session extended, service/worker/path_sessions),
+        # "new_request" (a request of its own: a new session's first chunk or a plain capture).
+        self.byte_dist_rows = Counter(
+            "octograph_worker_byte_dist_rows",
+            "Token-path distributions computed for byte-level scoring, by how",
+            ["how"],
+            registry=registry,
+        )
 
 
 class GatewayMetrics:

@@ -198,7 +198,11 @@ def build_worker_app(
     @app.post("/internal/byte-dist")
     async def byte_dist(body: ByteDistRequest, state: StateDep) -> ByteDistResponse:
         state.admit()
-        return await state.engine.byte_dist(body)
+        response = await state.engine.byte_dist(body)
+        rows = state.metrics.byte_dist_rows
+        rows.labels("session_step").inc(response.extended)
+        rows.labels("new_request").inc(max(response.fetched - response.extended, 0))
+        return response
 
     @app.post("/internal/abort/{request_id}")
     async def abort(request_id: str, state: StateDep) -> dict[str, str]:

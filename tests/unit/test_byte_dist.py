@@ -317,6 +317,35 @@ async def test_fake_worker_serves_byte_dist_over_http() -> None:
         assert empty.status_code == 400
 
 
+class CountingFakeEngine(FakeEngine):
+    """Reports what a vLLM worker's scorer reports: rows fetched, some as session steps."""
+
+    async def byte_dist(self, request: ByteDistRequest) -> ByteDistResponse:
+        answer = await super().byte_dist(request)
+        return answer.model_copy(update={"fetched": 3, "extended": 2})
+
+
+async def test_worker_metrics_count_byte_dist_rows_by_how_they_were_computed() -> None:
+    app = build_worker_app(CountingFakeEngine(), Lifecycle())
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client,
+    ):
+        for _ in range(50):
+            if (await client.get("/readyz")).status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        body = request(([1], b"")).model_dump_json()
+        for _ in range(2):
+            ok = await client.post(
+                "/internal/byte-dist", content=body, headers={"content-type": "application/json"}
+            )
+            assert ok.status_code == 200
+        text = (await client.get("/metrics")).text
+    assert 'octograph_worker_byte_dist_rows_total{how="session_step"} 4.0' in text
+    assert 'octograph_worker_byte_dist_rows_total{how="new_request"} 2.0' in text
+
+
 # -- speculation: children fetched ahead, in the background or in a needed engine step --------
 
 

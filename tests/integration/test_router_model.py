@@ -129,3 +129,36 @@ def test_routing_accuracy_on_the_held_out_set_does_not_regress(
     print(format_report(report))
     assert len(report.outcomes) == len(rows) == 225
     assert report.accuracy >= ACCURACY_FLOOR, format_report(report)
+
+
+def test_a_second_start_loads_the_compiled_model_from_vllms_cache(engines: Engines) -> None:
+    """vLLM saves the compiled model at a start and loads it at the next one (the plugin makes
+    that load work on CPU: service/worker/vllm_plugin.py). The module's router worker has saved
+    or loaded it; a second worker on the same model must load it, not compile again, and score
+    exactly as the first one does."""
+    graph = load_graph(CONFIG)
+    only = graph.model_copy(update={"models": {"router": graph.models["router"]}, "nodes": {}})
+    dirs = model_dirs(only, CONFIG)
+    log_dir = Path(tempfile.mkdtemp(prefix="octograph-it-router-again-"))
+    procs = start_workers(only, dirs, log_dir)
+    try:
+        wait_ready(procs, timeout_s=600)
+        log = procs[0].log_path.read_text(errors="replace")
+        assert "Directly load AOT compilation" in log, log[-3000:]
+        assert "Compiling model again" not in log
+        query = {"prompt": "What is the derivative of x^3 + 2x?", "top_k": 5}
+        scores = []
+        for url in (engines.router.url, procs[0].url):
+            r = httpx.post(
+                f"{url}/internal/score",
+                json={"request_id": "aot-check", "queries": [query]},
+                timeout=60,
+                trust_env=False,
+            )
+            assert r.status_code == 200, r.text
+            scores.append(r.json()["results"][0]["top"])
+        assert [t for t, _ in scores[0]] == [t for t, _ in scores[1]]
+        for (_, a), (_, b) in zip(scores[0], scores[1], strict=True):
+            assert a == pytest.approx(b, abs=1e-5)
+    finally:
+        stop_workers(procs)

@@ -24,8 +24,9 @@ Profiles (environment on top of ours; `octograph up`'s role settings yield to wh
 - `today`: every worker as before issue 21 (2 GiB KV space each, 64 sequences, 256 MiB
   byte-dist cache), whatever the role;
 - `new`: the per-role defaults of `octograph up` (service/embedded.py, role_settings).
-With --baseline-ref REF the `today` profile runs the code of that git commit (a temporary
-worktree, same venv): the whole before/after, code included.
+With --baseline-ref REF the first profile listed runs the code of that git commit (a temporary
+worktree, same venv): the whole before/after, code included. `--profiles new,new
+--baseline-ref REF` compares what REF shipped with what this tree ships.
 
 Also prints how long each worker's start phases took (`octograph up`'s own lines, from the
 workers' logs: service/embedded.py StartWatch), the KV capacity vLLM reports, and writes
@@ -261,7 +262,7 @@ def run_profile(
     run = Run(profile, ref)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_dir = log_root / profile
+    log_dir = log_root / (f"{profile}-{ref}" if ref else profile)
     log_dir.mkdir(parents=True)
     env = {**os.environ, **PROFILES[profile], "OCTOGRAPH_LOG_DIR": str(log_dir)}
     config = (REPO / args.config).resolve()
@@ -351,7 +352,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/local.yaml")
     ap.add_argument("--profiles", default="today,new", help="comma-separated: today, new")
-    ap.add_argument("--baseline-ref", help="run the `today` profile on this git commit's code")
+    ap.add_argument("--baseline-ref", help="run the first profile listed on this git commit's code")
     ap.add_argument("--burst", type=int, default=32, help="concurrent chats; -1: no traffic")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds before each snapshot")
     ap.add_argument("--ready-timeout", type=float, default=600.0)
@@ -364,9 +365,9 @@ def main() -> int:
     worktree: Path | None = None
     runs: list[Run] = []
     try:
-        for p in profiles:
+        for i, p in enumerate(profiles):
             cwd, ref = REPO, None
-            if p == "today" and args.baseline_ref:
+            if i == 0 and args.baseline_ref:
                 worktree = log_root / "baseline"
                 subprocess.run(
                     ["git", "worktree", "add", "--detach", str(worktree), args.baseline_ref],

@@ -470,8 +470,9 @@ def start_workers(
 # progress line says what each worker is doing, also when our output goes to a file.
 START_PHASES: tuple[tuple[str, str], ...] = (
     ("", "python + vLLM import"),
-    # From here vLLM spawns its engine-core process, which imports torch and vLLM again.
-    ("Resolved architecture", "engine process start"),
+    # From here vLLM's front end loads the tokenizer (Gemma-3's 262k vocabulary: seconds), then
+    # starts the engine-core process (forked on CPU: vllm_engine.build_engine).
+    ("Resolved architecture", "tokenizer + engine process"),
     ("Initializing a V1 LLM engine", "model runner start"),
     ("Starting to load model", "weights"),
     ("Warming up model for the compilation", "compile + warm-up"),

@@ -21,7 +21,7 @@ def test_phases_follow_the_log(tmp_path: Path) -> None:
     with open(log, "ab") as f:
         f.write(b"(MainProcess) INFO [model.py:733] Resolved architecture: LlamaForCausalLM\n")
         f.write(b"(EngineCore pid=1) INFO [core.py:133] Initializing a V1 LLM eng")  # half a line
-    assert watch.poll(110.0) == "engine process start"
+    assert watch.poll(110.0) == "tokenizer + engine process"
     with open(log, "ab") as f:
         f.write(b"ine (v0.32.0) with config\n(EngineCore) Starting to load model /m...\n")
     assert watch.poll(115.0) == "weights"
@@ -31,7 +31,7 @@ def test_phases_follow_the_log(tmp_path: Path) -> None:
     assert watch.poll(130.0) == "ready"
     # Phases seen in one read start together; the summary covers each one up to readiness.
     assert watch.summary(31.0) == (
-        "python + vLLM import 10.0s, engine process start 5.0s, model runner start 0.0s, "
+        "python + vLLM import 10.0s, tokenizer + engine process 5.0s, model runner start 0.0s, "
         "weights 15.0s, compile + warm-up 1.0s"
     )
 

@@ -80,6 +80,10 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    if args.start_gate:  # queued by `octograph up`: wait before importing anything heavy
+        from service.start_gate import wait_for_gate
+
+        wait_for_gate(Path(args.start_gate), starter=args.started_by)
     from service.affinity import format_cpu_list, usable_cpus
     from service.config import WorkerSettings
     from service.observability.logging import setup_logging
@@ -297,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--threads", type=int)
     wk.add_argument("--cpus", help="pin the engine processes to these cores, e.g. 0-3,8")
     wk.add_argument("--metrics-port", type=int, help="serve /metrics here, not on --port")
+    wk.add_argument("--start-gate", help=argparse.SUPPRESS)  # service/start_gate.py
+    wk.add_argument("--started-by", type=int, help=argparse.SUPPRESS)
     wk.add_argument("--fake", action="store_true", help="no model: deterministic canned tokens")
     wk.add_argument("--fake-token-delay", type=float)
     wk.add_argument("--fake-reply-words", type=int, help="--fake: tokens in each reply")

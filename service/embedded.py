@@ -29,6 +29,7 @@ from service.affinity import format_cpu_list, has_native_bf16, usable_cpus
 from service.config import GatewaySettings, StartupError, WorkerSettings
 from service.graph.schema import EnsembleNode, GraphConfig, ModelNode, RouterNode, load_graph
 from service.internal_auth import SECRET_ENV, write_secret_file
+from service.start_gate import open_gate
 
 READY_TIMEOUT_S = 900.0
 # KV block size of workers that score (WorkerSettings.block_size): routers keep their 64-token
@@ -119,6 +120,8 @@ class WorkerProcess:
     env: dict[str, str] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     restarts: int = 0
+    # Queued: the process waits for this file before starting (service/start_gate.py).
+    gate: Path | None = None
 
     @property
     def url(self) -> str:
@@ -412,6 +415,13 @@ def plan_placement(
     return placement
 
 
+def start_cost(model_dir: Path) -> int:
+    """Bytes a worker reads to start (weights, tokenizer): the longer start, to begin first."""
+    with contextlib.suppress(OSError):
+        return sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file())
+    return 0
+
+
 def start_workers(
     graph: GraphConfig,
     dirs: dict[str, Path],
@@ -419,15 +429,23 @@ def start_workers(
     *,
     secret_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
+    start_slots: int | None = None,
 ) -> list[WorkerProcess]:
+    """Start a worker process per model, the costliest start first. With more workers than
+    `start_slots` (default: one per usable core) the others are queued behind a start gate
+    that wait_ready opens as earlier ones become ready (service/start_gate.py)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     base_env = worker_base_env(os.environ if environ is None else environ)
     if secret_file is not None:
         base_env[SECRET_ENV] = str(secret_file)
     workers = []
-    placement = plan_placement(graph, list(dirs), usable_cpus())
+    usable = usable_cpus()
+    placement = plan_placement(graph, list(dirs), usable)
     native_bf16 = has_native_bf16()  # /proc/cpuinfo once, not once a worker
-    for name, path in dirs.items():
+    slots = max(1, len(usable) if start_slots is None else start_slots)
+    order = sorted(dirs, key=lambda n: start_cost(dirs[n]), reverse=True)
+    for rank, name in enumerate(order):
+        path = dirs[name]
         port = free_port()
         log_path = log_dir / f"worker-{name}.log"
         cmd = [
@@ -460,8 +478,14 @@ def start_workers(
         )
         sized = {k: v for k, v in role.items() if k not in base_env}
         env = {**base_env, "OCTOGRAPH_WORKER_LOG_JSON": "true", **sized, **worker_env(graph, name)}
-        proc = spawn(cmd, env, log_path)
-        workers.append(WorkerProcess(name, port, proc, log_path, cmd, env))
+        gate = None
+        if rank >= slots:
+            gate = log_dir / f".start-gate-{name}-{port}"
+            gate.unlink(missing_ok=True)
+        # `cmd` stays without the gate: a restart (Supervisor) starts at once.
+        queue = ["--start-gate", str(gate), "--started-by", str(os.getpid())] if gate else []
+        proc = spawn(cmd + queue, env, log_path)
+        workers.append(WorkerProcess(name, port, proc, log_path, cmd, env, gate=gate))
     return workers
 
 
@@ -539,15 +563,24 @@ def wait_ready(workers: list[WorkerProcess], timeout_s: float = READY_TIMEOUT_S)
     t0 = time.monotonic()
     pending = {w.name: w for w in workers}
     watches = {w.name: StartWatch(w) for w in workers}
+    queued = [w for w in workers if w.gate is not None and not w.gate.exists()]
+    slots = len(workers) - len(queued)  # start_workers started this many at once
     last_state = ""
     last_print = -PROGRESS_EVERY_S
     with httpx.Client(timeout=2.0, trust_env=False) as client:
         while pending:
             now = time.monotonic()
+            while queued and sum(w not in queued for w in pending.values()) < slots:
+                w = queued.pop(0)  # a core is free: the next one in start order
+                assert w.gate is not None
+                open_gate(w.gate)
+                w.started_at = now
             for name, w in list(pending.items()):
                 if w.proc.poll() is not None:
                     tail = w.log_path.read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"worker '{name}' exited ({w.proc.returncode}):\n{tail}")
+                if w in queued:
+                    continue
                 watches[name].poll(now)
                 with contextlib.suppress(httpx.HTTPError):
                     ready = client.get(f"{w.url}/readyz")
@@ -558,6 +591,8 @@ def wait_ready(workers: list[WorkerProcess], timeout_s: float = READY_TIMEOUT_S)
                         raise RuntimeError(f"worker '{name}': {ready.text}:\n{tail}")
                     if ready.status_code == 200:
                         del pending[name]
+                        if w.gate is not None:
+                            w.gate.unlink(missing_ok=True)
                         ready_at = time.monotonic() - w.started_at
                         if sys.stderr.isatty():
                             print("\r\033[K", end="", file=sys.stderr)
@@ -567,7 +602,13 @@ def wait_ready(workers: list[WorkerProcess], timeout_s: float = READY_TIMEOUT_S)
                         )
             elapsed = time.monotonic() - t0
             done = len(workers) - len(pending)
-            state = ", ".join(f"{n}: {watches[n].phase}" for n in pending) or "-"
+            state = (
+                ", ".join(
+                    f"{n}: {'queued for a core' if w in queued else watches[n].phase}"
+                    for n, w in pending.items()
+                )
+                or "-"
+            )
             line = (
                 f"workers ready {done}/{len(workers)} "
                 f"[{'#' * done}{'.' * len(pending)}] {elapsed:5.0f}s  {state}"

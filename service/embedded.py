@@ -677,11 +677,10 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
         workers = start_workers(graph, dirs, log_dir, secret_file=secret_file)
         # SIGTERM during start-up must still reap the workers.
         signal.signal(signal.SIGTERM, _interrupt)
-        wait_ready(workers)
-        say(f"all workers ready in {time.monotonic() - t0:.1f}s; gateway on http://{host}:{port}")
-        supervisor = Supervisor(workers)
-        supervisor.start()
         lifecycle = Lifecycle()
+        # Built before the workers are ready (it calls none of them until it serves): the
+        # ensembles' byte tables load in its preload thread while the workers start, not
+        # after, when they held the new gateway's event loop for seconds.
         app = build_gateway_app(
             settings,
             graph,
@@ -690,6 +689,10 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
             graph_file=config_path,  # reloaded on change or SIGHUP; new models need a restart
             reload_on_sighup=True,
         )
+        wait_ready(workers)
+        say(f"all workers ready in {time.monotonic() - t0:.1f}s; gateway on http://{host}:{port}")
+        supervisor = Supervisor(workers)
+        supervisor.start()
         serve(app, host, port, lifecycle, settings.shutdown_grace_s)
     except KeyboardInterrupt:
         say("interrupted")

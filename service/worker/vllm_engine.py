@@ -74,15 +74,11 @@ def build_engine(args: Any, executor: str | None) -> Any:
     parallel = config.parallel_config
     if executor == "uni" and parallel.world_size == 1:
         parallel.distributed_executor_backend = "uni"
-    if parallel.distributed_executor_backend == "uni" and _is_vllm_cpu_build():
-        # vLLM's CPU platform asks for "spawn" (for its "mp" executor's OpenMP set-up), and a
-        # spawned engine core imports torch and vLLM again: 8-17 s of a start on 2 cores, and
-        # ~0.4 GB of PSS per worker for a second copy of the same code. With "uni" the engine
-        # core is the model runner and sets no threads of its own (OMP_NUM_THREADS, inherited),
-        # and this process has run no OpenMP team yet (quiet_frontend_threads runs after), so
-        # the fork vLLM uses on GPUs is safe here too: the child starts with everything
-        # imported, sharing those pages with this process.
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+    # Tried and reverted (issue 21): forking the engine core instead of vLLM's CPU "spawn"
+    # (no second torch + vLLM import: router worker ready in 14 s instead of 23 s, ~1 GB less
+    # for the stack). The fork inherits OpenMP's thread count, read when torch loaded in this
+    # process before OMP_NUM_THREADS was set: two OpenMP threads spinning on an engine pinned
+    # to one core made the router ~40x slower in the test suite.
     return AsyncLLM.from_vllm_config(
         config,
         disable_log_stats=args.disable_log_stats,

@@ -199,9 +199,9 @@ def build_worker_app(
     async def byte_dist(body: ByteDistRequest, state: StateDep) -> ByteDistResponse:
         state.admit()
         response = await state.engine.byte_dist(body)
-        rows = state.metrics.byte_dist_rows
-        rows.labels("session_step").inc(response.extended)
-        rows.labels("new_request").inc(max(response.fetched - response.extended, 0))
+        extended, fetched = response.extended, response.fetched
+        state.metrics.byte_dist_rows.labels("session_step").inc(extended)
+        state.metrics.byte_dist_rows.labels("new_request").inc(max(fetched - extended, 0))
         return response
 
     @app.post("/internal/abort/{request_id}")

@@ -495,7 +495,7 @@ def start_workers(
 START_PHASES: tuple[tuple[str, str], ...] = (
     ("", "python + vLLM import"),
     # From here vLLM's front end loads the tokenizer (Gemma-3's 262k vocabulary: seconds), then
-    # spawns the engine-core process, which imports torch and vLLM again.
+    # starts the engine-core process (forked on CPU: vllm_engine.build_engine).
     ("Resolved architecture", "tokenizer + engine process"),
     ("Initializing a V1 LLM engine", "model runner start"),
     ("Starting to load model", "weights"),

@@ -189,6 +189,9 @@ class WorkerInfo(InternalModel):
     max_num_batched_tokens: int | None = Field(
         None, description="tokens one engine step schedules at most (prefill chunks + decodes)"
     )
+    engine_threads: int | None = Field(
+        None, description="OpenMP threads the model runs on, read in its process (CPU engines)"
+    )
 
 
 class TopLogprobEvent(TypedDict):

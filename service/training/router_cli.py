@@ -35,6 +35,11 @@ def add_router_commands(sub: Any) -> None:
         default=None,
         help="also train the top layer's MLP (scoring-only routers)",
     )
+    b.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        help="int8: the decoder's Linears saved as int8 (W8A8) and trained against as such",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even when nothing changed")
     b.set_defaults(func=_build)
 
@@ -102,6 +107,7 @@ def _build(args: argparse.Namespace) -> int:
             threads=args.threads,
             layers=args.layers,
             tune_top_mlp=args.tune_top_mlp,
+            quantize=args.quantize,
         )
     except RouterBuildError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -10,6 +10,7 @@ test needs (only the `blend` ensemble, dropped here) and whose warm-up is the sl
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,6 +89,19 @@ def test_each_engine_runs_the_threads_it_was_placed_on(engines: Engines) -> None
         placed = int(proc.cmd[proc.cmd.index("--threads") + 1])
         info = httpx.get(f"{proc.url}/internal/info", timeout=10, trust_env=False).json()
         assert info["engine_threads"] == placed, (proc.name, info["engine_threads"], placed)
+
+
+def test_the_router_runs_int8_weights_as_built(engines: Engines) -> None:
+    """configs/local.yaml builds the router with `quantize: int8`: vLLM must load it as such
+    (compressed-tensors W8A8), not fall back to full precision."""
+    config = json.loads(
+        (
+            Path(engines.router.cmd[engines.router.cmd.index("--model") + 1]) / "config.json"
+        ).read_text()
+    )
+    assert config["quantization_config"]["format"] == "int-quantized"
+    log = engines.router.log_path.read_text(errors="replace")
+    assert "for CompressedTensorsW8A8Int8" in log, log[-3000:]
 
 
 def test_obvious_queries_reach_the_right_leaf_and_auto_chat_answers(

@@ -84,6 +84,7 @@ def build(base: Path, train: Path, out: Path, **kw: object) -> object:
         seed=int(kw.pop("seed", 0)),
         layers=int(kw.pop("layers", 0)),
         tune_top_mlp=bool(kw.pop("tune_top_mlp", False)),
+        quantize=str(kw.pop("quantize", "none")),
     )
     graph = str(kw.pop("graph", GRAPH))
     return build_router(parse_graph(graph), "router", str(base), train, out, options, **kw)
@@ -200,6 +201,50 @@ def test_tune_top_mlp_trains_only_the_top_mlp(
     )
     with pytest.raises(RouterBuildError, match="reformat"):
         build(tiny_base, train_file, tmp_path / "c", tune_top_mlp=True, graph=generating)
+
+
+def test_int8_build_saves_int8_linears_and_trains_against_them(
+    tiny_base: Path, train_file: Path, tmp_path: Path
+) -> None:
+    """`build.quantize: int8`: every decoder Linear but the first layer's and the tuned top
+    MLP's is saved as int8 with a per-row scale (compressed-tensors W8A8, what vLLM loads),
+    each within half a step of the base weight; the rest stays as it was; and the functional
+    tokens are trained on the int8 model's hidden states, so they differ from a plain build's."""
+    import torch
+    from safetensors.torch import load_file
+
+    build(tiny_base, train_file, tmp_path / "plain", tune_top_mlp=True)
+    build(tiny_base, train_file, tmp_path / "q", tune_top_mlp=True, quantize="int8")
+    base = load_file(str(tiny_base / "model.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "q" / "model.safetensors"))
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    modules = [f"self_attn.{c}_proj" for c in "qkvo"] + [
+        f"mlp.{c}_proj" for c in ("gate", "up", "down")
+    ]
+    top_mlp = [f"model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    kept = [f"model.layers.0.{m}" for m in modules] + top_mlp
+    assert config["ignore"] == ["lm_head", *sorted(kept)]
+    group = config["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["dynamic"]
+    int8 = {n for n, t in saved.items() if t.dtype == torch.int8}
+    linears = {f"model.layers.{i}.{m}.weight" for i in (0, 1) for m in modules}
+    assert int8 == linears - {f"{m}.weight" for m in kept}
+    for name in int8:
+        q, scale = saved[name].float(), saved[name.removesuffix("weight") + "weight_scale"]
+        assert scale.shape == (q.shape[0], 1) and scale.dtype == torch.float32
+        assert q.abs().amax(dim=1).eq(127).all()  # each row's largest weight maps to 127
+        error = (q * scale - base[name].float()).abs()
+        assert (error <= scale / 2 + 1e-6).all(), name
+    for name in kept:  # full precision: the first layer as the base's, the top MLP as trained
+        assert saved[f"{name}.weight"].dtype == torch.bfloat16
+    emb = "model.embed_tokens.weight"
+    vocab = base[emb].shape[0]
+    assert torch.equal(saved[emb][:vocab], base[emb])
+    assert not torch.equal(saved[emb][vocab:], plain[emb][vocab:])  # trained on int8 states
+    with pytest.raises(RouterBuildError, match="quantize"):
+        BuildOptions(quantize="int4")
 
 
 def test_router_system_prompt_fills_whole_kv_blocks() -> None:

@@ -73,9 +73,10 @@ def build_engine(args: Any, executor: str | None, threads: int | None = None) ->
     a second copy of the same code); a forked one starts with them imported and shares those
     pages. The engine core then sets no threads of its own ("nobind"), and a fork keeps the
     forking thread's OpenMP thread count, which libgomp read from the environment when torch
-    loaded, before configure_cpu_environment set OMP_NUM_THREADS. So `threads` is set here,
-    in the thread that forks: without it an engine pinned to one core ran two spinning OpenMP
-    threads and the router's eval took 418 s instead of 21 s (engine_threads reads it back).
+    loaded, before configure_cpu_environment may set OMP_NUM_THREADS. So `threads` is set
+    here, in the thread that forks, and engine_threads reads the count back. (A first fork
+    without this guard met two full-suite runs in which the router's eval took 418 s instead
+    of 21 s; that was not reproduced, with or without the guard: README "Memory and start".)
     """
     from vllm.v1.engine.async_llm import AsyncLLM
 

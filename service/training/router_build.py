@@ -39,7 +39,12 @@ from service.graph.router_prompt import (
     router_prompt_ids,
 )
 from service.graph.schema import GraphConfig, GraphError, ModelSpec, RouterNode
-from service.training.int8_weights import int8_tensors, simulate_int8, write_int8
+from service.training.int8_weights import (
+    int8_tensors,
+    quantized_linears,
+    simulate_int8,
+    write_int8,
+)
 
 # Bump when the recipe changes in a way that changes the weights (forces a rebuild).
 BUILD_VERSION = 4
@@ -357,9 +362,6 @@ def _features(model: Any, tokenizer: Any, prompts: list[tuple[str, str]], desc: 
 
 
 _MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
-INT8_FIRST_LAYER_KEPT = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(
-    f"mlp.{p}" for p in _MLP_LINEARS
-)
 
 
 class _TopHead:
@@ -564,9 +566,10 @@ def _build_into(
         if options.tune_top_mlp
         else []
     )
-    full_precision = trained_modules + [
-        f"model.layers.0.{m}" for m in INT8_FIRST_LAYER_KEPT if len(model.model.layers) > 1
+    first_layer = [
+        n for n in quantized_linears(model, trained_modules) if n.startswith("model.layers.0.")
     ]
+    full_precision = trained_modules + first_layer
     if options.quantize == "int8":
         simulate_int8(model, full_precision)
     features = _features(model, tokenizer, prompts, "router prompts (frozen backbone)")

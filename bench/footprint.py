@@ -76,12 +76,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def shown_args(cmdline: list[str]) -> list[str]:
+    """Arguments as /proc shows them; a worker forked from the zygote has one space-separated
+    title padded with NULs (service.zygote.shown_args; inlined: this bench also runs older
+    trees' stacks)."""
+    if len(cmdline) > 1 and any(cmdline[1:]):
+        return cmdline
+    return " ".join(cmdline).split()
+
+
 def role_of(proc: psutil.Process, up_pid: int, fronts: dict[int, str]) -> str:
     """A readable name for one process of the stack."""
     if proc.pid == up_pid:
         return "gateway (octograph up)"
     try:
-        cmd = proc.cmdline()
+        cmd = shown_args(proc.cmdline())
     except psutil.Error:
         return "?"
     if proc.pid in fronts:
@@ -93,6 +102,8 @@ def role_of(proc: psutil.Process, up_pid: int, fronts: dict[int, str]) -> str:
                 owner = fronts[parent.pid]
                 break
     title = cmd[0] if cmd else proc.name()
+    if "zygote" in cmd:
+        return "zygote (workers' shared imports)"
     if title.startswith("VLLM::"):
         return f"{owner}: {title}"
     if any("resource_tracker" in c for c in cmd):
@@ -102,9 +113,9 @@ def role_of(proc: psutil.Process, up_pid: int, fronts: dict[int, str]) -> str:
 
 def worker_fronts(up: psutil.Process) -> dict[int, str]:
     fronts: dict[int, str] = {}
-    for child in up.children():
+    for child in up.children(recursive=True):  # forked workers are the zygote's children
         with contextlib.suppress(psutil.Error):
-            cmd = child.cmdline()
+            cmd = shown_args(child.cmdline())
             if "worker" in cmd and "--served-name" in cmd:
                 fronts[child.pid] = cmd[cmd.index("--served-name") + 1]
     return fronts

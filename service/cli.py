@@ -170,6 +170,12 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zygote(args: argparse.Namespace) -> int:
+    from service.zygote import serve_zygote
+
+    return serve_zygote(args.preload)
+
+
 def _worker_secret(args: argparse.Namespace) -> int:
     from service.internal_auth import ensure_secret_file
 
@@ -307,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--fake-token-delay", type=float)
     wk.add_argument("--fake-reply-words", type=int, help="--fake: tokens in each reply")
     wk.set_defaults(func=_worker)
+
+    # service/zygote.py; started by `octograph up`, not by people.
+    zy = sub.add_parser("zygote", help="(internal) what `octograph up` forks its workers from")
+    zy.add_argument("--preload", action="append", default=[], help=argparse.SUPPRESS)
+    zy.set_defaults(func=_zygote)
 
     ws = sub.add_parser(
         "worker-secret", help="write a fresh worker secret to a file (kept if it has one)"

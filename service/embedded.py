@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -30,6 +31,7 @@ from service.config import GatewaySettings, StartupError, WorkerSettings
 from service.graph.schema import EnsembleNode, GraphConfig, ModelNode, RouterNode, load_graph
 from service.internal_auth import SECRET_ENV, write_secret_file
 from service.start_gate import open_gate
+from service.zygote import Zygote, ZygoteError
 
 READY_TIMEOUT_S = 900.0
 # KV block size of workers that score (WorkerSettings.block_size): routers keep their 64-token
@@ -110,11 +112,127 @@ def worker_base_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+class ProcessHandle(Protocol):
+    """What supervision needs of a worker process: `subprocess.Popen`, or a process the
+    zygote forked (service/zygote.py)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class Launcher(Protocol):
+    """Starts worker processes (at first and for restarts)."""
+
+    def launch(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        append: bool = False,
+        gate: Path | None = None,
+    ) -> ProcessHandle: ...
+
+    def close(self) -> None: ...
+
+
+def _queue_args(gate: Path | None, parent_pid: int) -> list[str]:
+    # A queued worker exits when the process that started it (and will open its gate) is
+    # no longer its parent: service/start_gate.py.
+    return ["--start-gate", str(gate), "--started-by", str(parent_pid)] if gate else []
+
+
+class SpawnLauncher:
+    """A new interpreter per worker (`python -m service.cli worker ...`)."""
+
+    def launch(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        append: bool = False,
+        gate: Path | None = None,
+    ) -> ProcessHandle:
+        return spawn(cmd + _queue_args(gate, os.getpid()), env, log_path, append=append)
+
+    def close(self) -> None:
+        return None
+
+
+# What a vLLM worker imports before it can build its engine (7-8 s of torch and vLLM), loaded
+# once in the zygote. A fake-engine worker needs only the first three.
+WORKER_MODULES = ("service.cli", "service.worker.app", "service.worker.fake_engine")
+VLLM_WORKER_MODULES = (
+    "service.worker.vllm_engine",
+    "service.worker.capture",
+    "service.worker.path_sessions",
+    "vllm.v1.engine.async_llm",
+    "vllm.engine.arg_utils",
+    "vllm.config",
+)
+CLI_PREFIX = ["-m", "service.cli"]
+
+
+class ZygoteLauncher:
+    """Forks workers from one zygote (service/zygote.py); spawns them if it is gone."""
+
+    def __init__(self, zygote: Zygote) -> None:
+        self.zygote = zygote
+        self._announced = False
+
+    def launch(
+        self,
+        cmd: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        *,
+        append: bool = False,
+        gate: Path | None = None,
+    ) -> ProcessHandle:
+        if cmd[:3] == [sys.executable, *CLI_PREFIX] and self.zygote.alive:
+            try:
+                if not self._announced:
+                    seconds = self.zygote.wait_ready()
+                    say(f"worker imports loaded once in {seconds:.1f}s; forking the workers")
+                    self._announced = True
+                argv = cmd[3:] + _queue_args(gate, self.zygote.pid)
+                return self.zygote.fork(
+                    argv, env, log_path, append=append, title=" ".join(["octograph", *argv])
+                )
+            except ZygoteError as exc:
+                say(f"zygote: {exc}; starting a new interpreter instead")
+        return spawn(cmd + _queue_args(gate, os.getpid()), env, log_path, append=append)
+
+    def close(self) -> None:
+        self.zygote.close()
+
+
+def start_launcher(
+    graph: GraphConfig, names: Sequence[str], env: dict[str, str], log_dir: Path
+) -> Launcher:
+    """A zygote preloaded with what these models' workers import (where fork exists)."""
+    if not hasattr(os, "fork"):
+        return SpawnLauncher()
+    modules = list(WORKER_MODULES)
+    if any(graph.worker_models()[n].engine != "fake" for n in names):
+        modules += VLLM_WORKER_MODULES
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return ZygoteLauncher(Zygote.start(modules, env, log_dir / "zygote.log"))
+
+
 @dataclass
 class WorkerProcess:
     name: str
     port: int
-    proc: subprocess.Popen[bytes]
+    proc: ProcessHandle
     log_path: Path
     cmd: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -122,6 +240,7 @@ class WorkerProcess:
     restarts: int = 0
     # Queued: the process waits for this file before starting (service/start_gate.py).
     gate: Path | None = None
+    launcher: Launcher = field(default_factory=SpawnLauncher)
 
     @property
     def url(self) -> str:
@@ -131,7 +250,7 @@ class WorkerProcess:
         """A new process with the same command line (so the same port and the gateway's URL
         stays right); its log is appended to the old one's."""
         reap_group(self.proc.pid)  # the dead worker's engine-core child, if it outlived it
-        self.proc = spawn(self.cmd, self.env, self.log_path, append=True)
+        self.proc = self.launcher.launch(self.cmd, self.env, self.log_path, append=True)
         self.started_at = now
         self.restarts += 1
 
@@ -422,6 +541,16 @@ def start_cost(model_dir: Path) -> int:
     return 0
 
 
+def workers_environment(
+    environ: Mapping[str, str] | None = None, secret_file: Path | None = None
+) -> dict[str, str]:
+    """The environment every worker (and the zygote they are forked from) starts with."""
+    env = worker_base_env(os.environ if environ is None else environ)
+    if secret_file is not None:
+        env[SECRET_ENV] = str(secret_file)
+    return env
+
+
 def start_workers(
     graph: GraphConfig,
     dirs: dict[str, Path],
@@ -430,62 +559,76 @@ def start_workers(
     secret_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     start_slots: int | None = None,
+    launcher: Launcher | None = None,
+    ports: Mapping[str, int] | None = None,
 ) -> list[WorkerProcess]:
     """Start a worker process per model, the costliest start first. With more workers than
     `start_slots` (default: one per usable core) the others are queued behind a start gate
-    that wait_ready opens as earlier ones become ready (service/start_gate.py)."""
+    that wait_ready opens as earlier ones become ready (service/start_gate.py). Workers are
+    forked from a zygote (start_launcher) unless `launcher` says otherwise; stop_workers
+    closes it."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    base_env = worker_base_env(os.environ if environ is None else environ)
-    if secret_file is not None:
-        base_env[SECRET_ENV] = str(secret_file)
-    workers = []
-    usable = usable_cpus()
-    placement = plan_placement(graph, list(dirs), usable)
-    native_bf16 = has_native_bf16()  # /proc/cpuinfo once, not once a worker
-    slots = max(1, len(usable) if start_slots is None else start_slots)
-    order = sorted(dirs, key=lambda n: start_cost(dirs[n]), reverse=True)
-    for rank, name in enumerate(order):
-        path = dirs[name]
-        port = free_port()
-        log_path = log_dir / f"worker-{name}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "worker",
-            "--model",
-            str(path),
-            "--served-name",
-            name,
-            "--port",
-            str(port),
-            "--threads",
-            str(placement[name].threads),
-            "--max-model-len",
-            str(graph.worker_models()[name].max_model_len),
-        ]
-        cpus = placement[name].cpus
-        if cpus is not None:
-            cmd += ["--cpus", format_cpu_list(cpus)]
-        if graph.worker_models()[name].engine == "fake":
-            cmd.append("--fake")
-        role = role_settings(
-            graph,
-            name,
-            path,
-            native_bf16=native_bf16,
-            user_dtype=base_env.get("OCTOGRAPH_WORKER_DTYPE"),
-        )
-        sized = {k: v for k, v in role.items() if k not in base_env}
-        env = {**base_env, "OCTOGRAPH_WORKER_LOG_JSON": "true", **sized, **worker_env(graph, name)}
-        gate = None
-        if rank >= slots:
-            gate = log_dir / f".start-gate-{name}-{port}"
-            gate.unlink(missing_ok=True)
-        # `cmd` stays without the gate: a restart (Supervisor) starts at once.
-        queue = ["--start-gate", str(gate), "--started-by", str(os.getpid())] if gate else []
-        proc = spawn(cmd + queue, env, log_path)
-        workers.append(WorkerProcess(name, port, proc, log_path, cmd, env, gate=gate))
+    base_env = workers_environment(environ, secret_file)
+    if launcher is None:
+        launcher = start_launcher(graph, list(dirs), base_env, log_dir)
+    workers: list[WorkerProcess] = []
+    try:
+        usable = usable_cpus()
+        placement = plan_placement(graph, list(dirs), usable)
+        native_bf16 = has_native_bf16()  # /proc/cpuinfo once, not once a worker
+        slots = max(1, len(usable) if start_slots is None else start_slots)
+        order = sorted(dirs, key=lambda n: start_cost(dirs[n]), reverse=True)
+        for rank, name in enumerate(order):
+            path = dirs[name]
+            port = ports[name] if ports is not None else free_port()
+            log_path = log_dir / f"worker-{name}.log"
+            cmd = [
+                sys.executable,
+                *CLI_PREFIX,
+                "worker",
+                "--model",
+                str(path),
+                "--served-name",
+                name,
+                "--port",
+                str(port),
+                "--threads",
+                str(placement[name].threads),
+                "--max-model-len",
+                str(graph.worker_models()[name].max_model_len),
+            ]
+            cpus = placement[name].cpus
+            if cpus is not None:
+                cmd += ["--cpus", format_cpu_list(cpus)]
+            if graph.worker_models()[name].engine == "fake":
+                cmd.append("--fake")
+            role = role_settings(
+                graph,
+                name,
+                path,
+                native_bf16=native_bf16,
+                user_dtype=base_env.get("OCTOGRAPH_WORKER_DTYPE"),
+            )
+            sized = {k: v for k, v in role.items() if k not in base_env}
+            env = {
+                **base_env,
+                "OCTOGRAPH_WORKER_LOG_JSON": "true",
+                **sized,
+                **worker_env(graph, name),
+            }
+            gate = None
+            if rank >= slots:
+                gate = log_dir / f".start-gate-{name}-{port}"
+                gate.unlink(missing_ok=True)
+            # `cmd` stays without the gate: a restart (Supervisor) starts at once.
+            proc = launcher.launch(cmd, env, log_path, gate=gate)
+            workers.append(
+                WorkerProcess(name, port, proc, log_path, cmd, env, gate=gate, launcher=launcher)
+            )
+    except BaseException:
+        stop_workers(workers)
+        launcher.close()
+        raise
     return workers
 
 
@@ -641,6 +784,9 @@ def stop_workers(workers: list[WorkerProcess], grace_s: float = STOP_GRACE_S) ->
         reap_group(w.proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             w.proc.wait(timeout=5)
+    # Last: the zygote reports its children's exits until they are all in.
+    for launcher in {id(w.launcher): w.launcher for w in workers}.values():
+        launcher.close()
 
 
 def _interrupt(*_: object) -> None:
@@ -673,10 +819,17 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
     settings = settings.model_copy(update={"worker_secret_file": secret_file})
     supervisor: Supervisor | None = None
     workers: list[WorkerProcess] = []
+    launcher: Launcher | None = None
     try:
-        workers = start_workers(graph, dirs, log_dir, secret_file=secret_file)
         # SIGTERM during start-up must still reap the workers.
         signal.signal(signal.SIGTERM, _interrupt)
+        # The zygote imports torch and vLLM (seconds, one core) while this process builds the
+        # gateway on the other; the workers are forked from it once both are done.
+        log_dir.mkdir(parents=True, exist_ok=True)
+        launcher = start_launcher(
+            graph, list(dirs), workers_environment(secret_file=secret_file), log_dir
+        )
+        ports = {name: free_port() for name in dirs}
         lifecycle = Lifecycle()
         # Built before the workers are ready (it calls none of them until it serves): the
         # ensembles' byte tables load in its preload thread while the workers start, not
@@ -685,9 +838,12 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
             settings,
             graph,
             lifecycle=lifecycle,
-            urls={w.name: [w.url] for w in workers},
+            urls={name: [f"http://127.0.0.1:{port}"] for name, port in ports.items()},
             graph_file=config_path,  # reloaded on change or SIGHUP; new models need a restart
             reload_on_sighup=True,
+        )
+        workers = start_workers(
+            graph, dirs, log_dir, secret_file=secret_file, launcher=launcher, ports=ports
         )
         wait_ready(workers)
         say(f"all workers ready in {time.monotonic() - t0:.1f}s; gateway on http://{host}:{port}")
@@ -704,6 +860,8 @@ def run_embedded(config_path: Path, *, host: str, port: int) -> int:
             supervisor.stop()  # first: nothing restarts what is being stopped
         say("stopping workers")
         stop_workers(workers)
+        if launcher is not None:
+            launcher.close()  # also when no worker started
         shutil.rmtree(secret_file.parent, ignore_errors=True)
         say("stopped")
     return 0

@@ -5,6 +5,7 @@ again; the gateway then serves from the new worker. One smollm2 worker under `oc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 from service.cli import ENGINE_DEAD_EXIT
 from service.models import packaged
+from service.zygote import shown_args
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -42,12 +44,21 @@ def wait_until(pred: Callable[[], bool], what: str, timeout: float) -> float:
 
 
 def worker_of(up: psutil.Process) -> psutil.Process | None:
-    for child in up.children(recursive=False):
+    """The worker front end: forked from up's zygote, so a grandchild; its engine core, forked
+    from it, carries the same title until vLLM renames it."""
+    serving: dict[int, psutil.Process] = {}
+    for child in up.children(recursive=True):
         try:
-            if "--served-name" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
-                return child
+            if "--served-name" in shown_args(child.cmdline()) and (
+                child.status() != psutil.STATUS_ZOMBIE
+            ):
+                serving[child.pid] = child
         except psutil.Error:
             continue
+    for child in serving.values():
+        with contextlib.suppress(psutil.Error):
+            if child.ppid() not in serving:
+                return child
     return None
 
 
@@ -104,7 +115,8 @@ def test_killed_engine_core_makes_the_worker_exit_and_up_restarts_it() -> None:
         assert chat() == 200
         worker = worker_of(psutil.Process(up.pid))
         assert worker is not None
-        worker_port = int(worker.cmdline()[worker.cmdline().index("--port") + 1])
+        worker_args = shown_args(worker.cmdline())
+        worker_port = int(worker_args[worker_args.index("--port") + 1])
         core = engine_core_of(worker)
         print(f"worker {worker.pid}, engine core {core.pid} ({core.name()})")
 

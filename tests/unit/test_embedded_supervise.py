@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from service.embedded import Backoff, Supervisor, WorkerProcess, worker_base_env
+from service.zygote import shown_args
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,7 +125,7 @@ def _workers(up: psutil.Process) -> dict[str, psutil.Process]:
     out = {}
     for child in up.children(recursive=True):
         try:
-            cmd = child.cmdline()
+            cmd = shown_args(child.cmdline())
         except psutil.Error:
             continue
         if "worker" in cmd and "--served-name" in cmd and child.status() != psutil.STATUS_ZOMBIE:
@@ -133,7 +134,7 @@ def _workers(up: psutil.Process) -> dict[str, psutil.Process]:
 
 
 def _port(worker: psutil.Process) -> int:
-    cmd = worker.cmdline()
+    cmd = shown_args(worker.cmdline())
     return int(cmd[cmd.index("--port") + 1])
 
 

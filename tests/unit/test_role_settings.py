@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,11 +85,18 @@ def test_a_users_settings_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
     graph = load_graph(REPO / "configs/local.yaml")
     spawned: list[dict[str, str]] = []
-    monkeypatch.setattr(embedded, "spawn", lambda cmd, env, log: spawned.append(env))
+
+    class Recording:
+        def launch(self, cmd: list[str], env: dict[str, str], *_: object, **__: object) -> Any:
+            spawned.append(env)
+
+        def close(self) -> None:
+            pass
+
     monkeypatch.setattr(embedded, "WorkerProcess", lambda *a, **k: None)
     dirs = {"router": model_dir(tmp_path, "router", **SMOL)}
     environ = {"OCTOGRAPH_WORKER_KV_CACHE_GIB": "2", "PATH": "/usr/bin"}
-    embedded.start_workers(graph, dirs, tmp_path / "logs", environ=environ)
+    embedded.start_workers(graph, dirs, tmp_path / "logs", environ=environ, launcher=Recording())
     assert spawned[0]["OCTOGRAPH_WORKER_KV_CACHE_GIB"] == "2"
     assert spawned[0]["OCTOGRAPH_WORKER_MAX_NUM_SEQS"] == str(ROUTER_MAX_NUM_SEQS)
 

@@ -161,6 +161,11 @@ class WorkerSettings(BaseSettings):
     enable_capture: bool = Field(
         True, description="full-distribution capture for byte-level scoring (ensembles)"
     )
+    scoring_only: bool = Field(
+        False,
+        description="the model only scores its functional tokens (a router that generates "
+        "nothing): its output layer computes their rows only (service/worker/scoring_head.py)",
+    )
     byte_dist_timeout_s: PositiveFloat = Field(
         120.0, description="deadline of one /internal/byte-dist request's model forwards"
     )

@@ -485,6 +485,13 @@ def role_settings(
     else:
         seqs = ROUTER_MAX_NUM_SEQS
         tokens = seqs * min(ROUTER_TOKENS_PER_SEQUENCE, max_model_len)
+        # It only scores (no node reformats a query with it): the output layer computes the
+        # functional tokens' rows only (service/worker/scoring_head.py).
+        if not any(
+            isinstance(n, RouterNode) and n.model == model and n.reformat
+            for n in graph.nodes.values()
+        ):
+            env["OCTOGRAPH_WORKER_SCORING_ONLY"] = "true"
         if not native_bf16 and not user_dtype:
             dtype = env["OCTOGRAPH_WORKER_DTYPE"] = ROUTER_DTYPE_WITHOUT_NATIVE_BF16
     dtype = user_dtype or dtype

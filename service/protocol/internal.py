@@ -192,6 +192,11 @@ class WorkerInfo(InternalModel):
     engine_threads: int | None = Field(
         None, description="OpenMP threads the model runs on, read in its process (CPU engines)"
     )
+    scored_tokens: int | None = Field(
+        None,
+        description="rows of the output layer the engine computes, when not the whole "
+        "vocabulary (a scoring-only router: its functional tokens; service/worker/scoring_head.py)",
+    )
 
 
 class TopLogprobEvent(TypedDict):

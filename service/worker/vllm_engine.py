@@ -250,6 +250,12 @@ class VLLMEngine:
             self._byte_scorer_task.add_done_callback(_log_byte_scorer_failure)
         self._tokenizer = self._llm.get_tokenizer()
         tok = self._tokenizer
+        functional = {
+            name: int(tid)
+            for name, tid in tok.get_added_vocab().items()
+            if name.startswith("<nexa_")
+        }
+        scored = await self._install_scoring_head(sorted(functional.values()))
         self._longest_token = longest_token_chars(tok)
         eos = tok.eos_token_id
         eos_ids = sorted({int(eos)} if eos is not None else set())
@@ -264,15 +270,12 @@ class VLLMEngine:
             has_chat_template=bool(getattr(tok, "chat_template", None)),
             engine="vllm",
             capture=self._capture is not None,
-            functional_tokens={
-                name: int(tid)
-                for name, tid in tok.get_added_vocab().items()
-                if name.startswith("<nexa_")
-            },
+            functional_tokens=functional,
             # The batch the gateway sizes a request against (LocalRunner: at most half of it).
             max_num_seqs=scheduler.max_num_seqs,
             max_num_batched_tokens=scheduler.max_num_batched_tokens,
             engine_threads=engine_threads_seen,
+            scored_tokens=scored,
         )
         freeze_startup_heap()
         quiet_frontend_threads()
@@ -307,6 +310,31 @@ class VLLMEngine:
                 self._settings.threads,
             )
         return seen
+
+    async def _install_scoring_head(self, token_ids: list[int]) -> int | None:
+        """A scoring-only model's output layer computes its functional tokens' rows only
+        (service/worker/scoring_head.py); the rows it computes, or None (the whole layer)."""
+        if not self._settings.scoring_only:
+            return None
+        if not token_ids:
+            log.warning("scoring_only is set but the model has no functional tokens")
+            return None
+        try:
+            import cloudpickle
+
+            from service.worker import scoring_head
+
+            installed = await self._require().collective_rpc(
+                cloudpickle.dumps(partial(scoring_head.install, token_ids))
+            )
+        except Exception as exc:  # the full output layer still gives the same routes
+            log.warning("could not install the scoring head: %r", exc)
+            return None
+        rows = min(int(n) for n in installed)
+        if rows == 0:
+            log.warning("this model's output layer cannot be narrowed; it computes every row")
+            return None
+        return rows
 
     async def _pin_hub_revision(self) -> None:
         """A hub id model loads one commit: the configured one or the prefetch lock's; offline

@@ -11,6 +11,7 @@ test needs (only the `blend` ensemble, dropped here) and whose warm-up is the sl
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,5 +185,57 @@ def test_a_second_start_loads_the_compiled_model_from_vllms_cache(engines: Engin
         assert [t for t, _ in scores[0]] == [t for t, _ in scores[1]]
         for (_, a), (_, b) in zip(scores[0], scores[1], strict=True):
             assert a == pytest.approx(b, abs=1e-5)
+    finally:
+        stop_workers(procs)
+
+
+def test_the_scoring_head_routes_as_the_full_output_layer_does(engines: Engines) -> None:
+    """`octograph up` runs the router scoring-only (it answers and reformats nothing:
+    tests/unit/test_role_settings.py): its output layer computes the functional tokens' rows
+    only (service/worker/scoring_head.py). Against a router worker with the whole output layer
+    (this module's, started without the router role), every hop of 40 held-out queries must get
+    the same child and the same child probabilities."""
+    from service.gateway.routing import decide
+    from service.graph.functional_tokens import assign_tokens, token_name
+    from service.graph.router_prompt import router_messages
+    from service.graph.schema import RouterNode
+
+    graph = load_graph(CONFIG)
+    full = httpx.get(f"{engines.router.url}/internal/info", timeout=10, trust_env=False).json()
+    assert full["scored_tokens"] is None
+    functional = full["functional_tokens"]
+    only = graph.model_copy(update={"models": {"router": graph.models["router"]}, "nodes": {}})
+    environ = {**os.environ, "OCTOGRAPH_WORKER_SCORING_ONLY": "true"}
+    log_dir = Path(tempfile.mkdtemp(prefix="octograph-it-router-narrow-"))
+    procs = start_workers(only, model_dirs(only, CONFIG), log_dir, environ=environ)
+    try:
+        wait_ready(procs, timeout_s=600)
+        narrow = httpx.get(f"{procs[0].url}/internal/info", timeout=10, trust_env=False).json()
+        assert narrow["scored_tokens"] == len(set(functional.values())) > 0
+        routers = {n: node for n, node in graph.nodes.items() if isinstance(node, RouterNode)}
+        tokens = {child: functional[token_name(k)] for child, k in assign_tokens(graph).items()}
+        rows = [json.loads(line) for line in EVAL.read_text().splitlines()[:40]]
+        worst = 0.0
+        for row in rows:
+            messages = [m.model_dump() for m in router_messages(row["query"], "octograph")]
+            query = {"messages": messages, "token_ids": sorted(set(tokens.values()))}
+            scores = []
+            for url in (procs[0].url, engines.router.url):
+                r = httpx.post(
+                    f"{url}/internal/score",
+                    json={"request_id": "head-check", "queries": [query]},
+                    timeout=60,
+                    trust_env=False,
+                )
+                assert r.status_code == 200, r.text
+                lps = {int(t): lp for t, lp in r.json()["results"][0]["token_logprobs"].items()}
+                scores.append(lps)
+            for node_id, node in routers.items():
+                picks = [decide(node, {c: lps[tokens[c]] for c in node.children}) for lps in scores]
+                assert picks[0][0] == picks[1][0], (row["query"], node_id, picks)
+                for child in node.children:
+                    worst = max(worst, abs(picks[0][1][child] - picks[1][1][child]))
+        print(f"largest child-probability difference, narrow vs full head: {worst:.2e}")
+        assert worst < 1e-3
     finally:
         stop_workers(procs)

@@ -111,3 +111,17 @@ def test_native_bf16_is_read_from_the_cpu_flags() -> None:
     assert has_native_bf16(cpu_flags(graviton))
     assert not has_native_bf16(cpu_flags(skylake))
     assert cpu_flags("no flags here") == frozenset()
+
+
+def test_a_router_that_only_scores_gets_the_narrow_output_layer(tmp_path: Path) -> None:
+    """A model that routes and does nothing else is scoring-only (service/worker/scoring_head.py);
+    a router node that reformats queries generates text with it, so then it is not, and neither
+    is a model that answers."""
+    graph = load_graph(REPO / "configs/local.yaml")
+    router_dir = model_dir(tmp_path, "router", **SMOL)
+    assert role_settings(graph, "router", router_dir)["OCTOGRAPH_WORKER_SCORING_ONLY"] == "true"
+    leaf = role_settings(graph, "smollm2", model_dir(tmp_path, "smollm2", **SMOL))
+    assert "OCTOGRAPH_WORKER_SCORING_ONLY" not in leaf
+    science = graph.nodes["science"].model_copy(update={"reformat": True})
+    reformats = graph.model_copy(update={"nodes": {**graph.nodes, "science": science}})
+    assert "OCTOGRAPH_WORKER_SCORING_ONLY" not in role_settings(reformats, "router", router_dir)

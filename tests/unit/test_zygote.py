@@ -127,3 +127,29 @@ def test_a_gone_zygote_falls_back_to_spawning_and_its_children_stay_supervised(
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+
+
+def test_workers_are_forked_on_cpu_builds_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU build's workers are spawned: importing torch and vLLM may initialise CUDA, which a
+    forked child cannot use. Fake-engine graphs fork anyway (nothing of vLLM is imported)."""
+    from service.embedded import SpawnLauncher, start_launcher
+    from service.graph.schema import load_graph
+    from service.worker import vllm_engine
+
+    repo = Path(__file__).resolve().parents[2]
+    graph = load_graph(repo / "configs/local.yaml")
+    monkeypatch.setattr(vllm_engine, "is_vllm_cpu_build", lambda: False)
+    env = {"PATH": os.environ["PATH"]}
+    assert isinstance(start_launcher(graph, ["smollm2"], env, tmp_path), SpawnLauncher)
+    fake = graph.model_copy(
+        update={
+            "models": {"smollm2": graph.models["smollm2"].model_copy(update={"engine": "fake"})}
+        }
+    )
+    launcher = start_launcher(fake, ["smollm2"], env, tmp_path)
+    try:
+        assert isinstance(launcher, ZygoteLauncher)
+    finally:
+        launcher.close()

@@ -42,7 +42,9 @@ SCORING_BLOCK_SIZE = 32
 STOP_GRACE_S = 20.0
 # A model that only routes needs no byte-level capture, and its OpenMP team should sleep rather
 # than spin between the short scoring forwards: spinning threads stole the cores the gateway
-# and the client needed, and /v1/route's tail grew (p90 62 vs ~200 ms with 2 threads).
+# and the client needed, and /v1/route's tail grew (p90 62 vs ~200 ms with 2 threads). (libgomp
+# reads OMP_WAIT_POLICY when torch loads: in a worker forked from the zygote that was before
+# this setting, so there it does nothing; the router's single thread has no team to spin.)
 ROUTER_ONLY_ENV = {"OCTOGRAPH_WORKER_ENABLE_CAPTURE": "false", "OMP_WAIT_POLICY": "PASSIVE"}
 # ...and one thread is enough: a scoring forward over a query's few tokens is bound by per-op
 # overhead, not arithmetic, and a second thread only adds its wake-ups (16-layer router alone

@@ -183,7 +183,7 @@ VLLM_WORKER_MODULES = (
 CLI_PREFIX = ["-m", "service.cli"]
 
 
-class ZygoteLauncher:
+class ZygoteLauncher(SpawnLauncher):
     """Forks workers from one zygote (service/zygote.py); spawns them if it is gone."""
 
     def __init__(self, zygote: Zygote) -> None:
@@ -211,7 +211,7 @@ class ZygoteLauncher:
                 )
             except ZygoteError as exc:
                 say(f"zygote: {exc}; starting a new interpreter instead")
-        return spawn(cmd + _queue_args(gate, os.getpid()), env, log_path, append=append)
+        return super().launch(cmd, env, log_path, append=append, gate=gate)
 
     def close(self) -> None:
         self.zygote.close()

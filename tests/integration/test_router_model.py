@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -64,6 +65,19 @@ def engines() -> Iterator[Engines]:
         yield Engines(by_name["router"], by_name["smollm2"])
     finally:
         stop_workers(procs)
+
+
+def score(url: str, query: dict[str, Any]) -> dict[str, Any]:
+    """One /internal/score query on a router worker: its result."""
+    r = httpx.post(
+        f"{url}/internal/score",
+        json={"request_id": "router-test", "queries": [query]},
+        timeout=60,
+        trust_env=False,
+    )
+    assert r.status_code == 200, r.text
+    result: dict[str, Any] = r.json()["results"][0]
+    return result
 
 
 def graph_for(engines: Engines) -> str:
@@ -172,16 +186,7 @@ def test_a_second_start_loads_the_compiled_model_from_vllms_cache(engines: Engin
         assert "Directly load AOT compilation" in log, log[-3000:]
         assert "Compiling model again" not in log
         query = {"prompt": "What is the derivative of x^3 + 2x?", "top_k": 5}
-        scores = []
-        for url in (engines.router.url, procs[0].url):
-            r = httpx.post(
-                f"{url}/internal/score",
-                json={"request_id": "aot-check", "queries": [query]},
-                timeout=60,
-                trust_env=False,
-            )
-            assert r.status_code == 200, r.text
-            scores.append(r.json()["results"][0]["top"])
+        scores = [score(url, query)["top"] for url in (engines.router.url, procs[0].url)]
         assert [t for t, _ in scores[0]] == [t for t, _ in scores[1]]
         for (_, a), (_, b) in zip(scores[0], scores[1], strict=True):
             assert a == pytest.approx(b, abs=1e-5)
@@ -219,17 +224,10 @@ def test_the_scoring_head_routes_as_the_full_output_layer_does(engines: Engines)
         for row in rows:
             messages = [m.model_dump() for m in router_messages(row["query"], "octograph")]
             query = {"messages": messages, "token_ids": sorted(set(tokens.values()))}
-            scores = []
-            for url in (procs[0].url, engines.router.url):
-                r = httpx.post(
-                    f"{url}/internal/score",
-                    json={"request_id": "head-check", "queries": [query]},
-                    timeout=60,
-                    trust_env=False,
-                )
-                assert r.status_code == 200, r.text
-                lps = {int(t): lp for t, lp in r.json()["results"][0]["token_logprobs"].items()}
-                scores.append(lps)
+            scores = [
+                {int(t): lp for t, lp in score(url, query)["token_logprobs"].items()}
+                for url in (procs[0].url, engines.router.url)
+            ]
             for node_id, node in routers.items():
                 picks = [decide(node, {c: lps[tokens[c]] for c in node.children}) for lps in scores]
                 assert picks[0][0] == picks[1][0], (row["query"], node_id, picks)

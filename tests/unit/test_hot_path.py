@@ -475,6 +475,24 @@ async def test_read_timeout_and_connect_refused() -> None:
     assert dead._in_use == 0
 
 
+async def test_a_connect_timed_out_by_a_held_event_loop_is_tried_again() -> None:
+    """The event loop held past the connect timeout (a thread holding the GIL) must not make a
+    live worker "unreachable": the timed-out connect is tried once more."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(CHUNKED_OK + chunk(b'{"a":1}\n') + b"0\r\n\r\n")
+        await w.drain()
+        await r.read()
+
+    async with RawServer(handler) as srv:
+        pool = srv.pool(connect_timeout_s=0.2)
+        # Runs in the loop before the connect completes: the 0.2 s timeout expires meanwhile.
+        asyncio.get_running_loop().call_soon(time.sleep, 0.6)
+        assert await all_lines(pool) == [b'{"a":1}']
+        assert srv.connections == 2  # the first connect was given up, the second served
+
+
 async def test_pool_bound_waits_then_gives_up() -> None:
     release = asyncio.Event()
 

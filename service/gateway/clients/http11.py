@@ -345,14 +345,24 @@ class Http11Pool:
                 return conn, True
             conn.close()
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), self.host, self.port, ssl=self.ssl
-                )
-        except (OSError, TimeoutError) as exc:
-            raise ConnectFailed(f"{type(exc).__name__}: {exc}") from None
-        return conn, False
+        # A timed-out connect is tried once more: the timeout also fires when this event loop
+        # was held past it (seen: a 262k-token byte table parsed in a thread, holding the GIL
+        # ~3 s, made a healthy loopback worker "unreachable" and marked it down). A refused
+        # connect fails at once; a host that never answers costs two timeouts.
+        for attempt in range(2):
+            try:
+                async with asyncio.timeout(self.connect_timeout_s):
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(loop), self.host, self.port, ssl=self.ssl
+                    )
+            except TimeoutError as exc:
+                if attempt == 0:
+                    continue
+                raise ConnectFailed(f"{type(exc).__name__}: {exc}") from None
+            except OSError as exc:
+                raise ConnectFailed(f"{type(exc).__name__}: {exc}") from None
+            return conn, False
+        raise ConnectFailed("unreachable")  # pragma: no cover
 
     def _release(self, conn: _Connection, *, reusable: bool) -> None:
         if reusable and conn.complete and not conn.closed and conn.error is None:

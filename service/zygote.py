@@ -211,6 +211,7 @@ class Zygote:
         self._changed = threading.Condition()
         self._lock = threading.Lock()  # one request and its answer at a time
         self._gone = False
+        self._closed = False
         self._reader = threading.Thread(target=self._read, name="octograph-zygote", daemon=True)
         self._reader.start()
 
@@ -292,7 +293,11 @@ class Zygote:
             return self._exits.get(pid)
 
     def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """End the zygote (its children are not touched)."""
+        """End the zygote (its children are not touched). Once: stop_workers closes the
+        launcher its workers share, and `octograph up` closes it also when none started."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()

@@ -9,7 +9,8 @@ functional tokens are trained on the hidden states the served model produces.
 
 What stays unquantized: the embeddings (the tied output layer: the functional-token rows are
 the classifier), the norms, and the modules the build trains (the top MLP with
-`tune_top_mlp`), which keep their trained weights exactly.
+`tune_top_mlp`, the top attention with `tune_top_attention`), which keep their trained
+weights exactly.
 """
 
 from __future__ import annotations

@@ -36,6 +36,12 @@ def add_router_commands(sub: Any) -> None:
         help="also train the top layer's MLP (scoring-only routers)",
     )
     b.add_argument(
+        "--tune-top-attention",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also train the top layer's attention query/output projections (scoring-only routers)",
+    )
+    b.add_argument(
         "--quantize",
         choices=["none", "int8"],
         help="int8: the decoder's Linears saved as int8 (W8A8) and trained against as such",
@@ -107,6 +113,7 @@ def _build(args: argparse.Namespace) -> int:
             threads=args.threads,
             layers=args.layers,
             tune_top_mlp=args.tune_top_mlp,
+            tune_top_attention=args.tune_top_attention,
             quantize=args.quantize,
         )
     except RouterBuildError as exc:

@@ -16,6 +16,7 @@ from service.models import packaged
 from service.training.router_build import (
     STAMP_NAME,
     BuildOptions,
+    BuildResult,
     RouterBuildError,
     _common_prefix,
     build_router,
@@ -78,12 +79,13 @@ def train_file(tmp_path: Path) -> Path:
     return path
 
 
-def build(base: Path, train: Path, out: Path, **kw: object) -> object:
+def build(base: Path, train: Path, out: Path, **kw: object) -> BuildResult:
     options = BuildOptions(
         epochs=int(kw.pop("epochs", 60)),
         seed=int(kw.pop("seed", 0)),
         layers=int(kw.pop("layers", 0)),
         tune_top_mlp=bool(kw.pop("tune_top_mlp", False)),
+        tune_top_attention=bool(kw.pop("tune_top_attention", False)),
         quantize=str(kw.pop("quantize", "none")),
     )
     graph = str(kw.pop("graph", GRAPH))
@@ -159,8 +161,10 @@ def test_layers_option_keeps_the_first_layers(
 
 
 def test_features_are_what_the_top_of_the_model_computes(tiny_base: Path) -> None:
-    """Training starts from the residual entering the top MLP (prefix-cached, batched, right-
-    padded); the frozen head over it must give the final hidden state a plain forward gives."""
+    """Training starts from what the top layer reads at the scored position (its input
+    residual, every position's keys and values: prefix-cached, batched, right-padded); the head
+    over it, which recomputes the top layer's attention there, must give the final hidden
+    state a plain forward gives."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,7 +173,9 @@ def test_features_are_what_the_top_of_the_model_computes(tiny_base: Path) -> Non
     tok = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
     prompts = [("octograph", q) for q, _ in ROWS]
-    hidden = _TopHead(model, tune=False)(_features(model, tok, prompts, "test"))
+    features = _features(model, tok, prompts, "test")
+    assert features.prefix_keys.shape[1] > 0 and bool(features.padding.any())
+    hidden = _TopHead(model, tune_mlp=False)(features)
     with torch.inference_mode():
         for row, (fmt, query) in enumerate(prompts):
             ids = torch.tensor([router_prompt_ids(tok, query, fmt)])
@@ -201,6 +207,64 @@ def test_tune_top_mlp_trains_only_the_top_mlp(
     )
     with pytest.raises(RouterBuildError, match="reformat"):
         build(tiny_base, train_file, tmp_path / "c", tune_top_mlp=True, graph=generating)
+
+
+def test_tune_top_attention_trains_the_top_query_and_output_projections(
+    tiny_base: Path, train_file: Path, tmp_path: Path
+) -> None:
+    """The scored position's attention is trained (query and output projections), its keys and
+    values are not (the other positions and the prefix cache stay as the base computes them),
+    and the saved model computes what the head was trained on: the trained tokens score the
+    training prompts as the build's own head did."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build(tiny_base, train_file, tmp_path / "a", tune_top_mlp=True)
+    frozen = load_file(str(tmp_path / "a" / "model.safetensors"))
+    result = build(
+        tiny_base, train_file, tmp_path / "b", tune_top_mlp=True, tune_top_attention=True
+    )
+    tuned = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert result.stamp != json.loads((tmp_path / "a" / STAMP_NAME).read_text())["stamp"]
+    changed = {
+        n
+        for n in frozen
+        if not n.endswith("embed_tokens.weight") and not (frozen[n] == tuned[n]).all()
+    }
+    attention = {n for n in changed if ".self_attn." in n}
+    assert attention == {
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+    }
+    assert all(n.startswith("model.layers.1.") for n in changed)
+    # Served as saved: a plain forward of the saved model ranks each training query's label
+    # first as often as the build reported (the head's math is the model's).
+    tok = AutoTokenizer.from_pretrained(tmp_path / "b")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32).eval()
+    ids = {name: tok.convert_tokens_to_ids(token) for name, token in result.tokens.items()}
+    root = ["math", "sci", "chat"]
+    right = total = 0
+    with torch.inference_mode():
+        for query, node in [*ROWS, ("what is 2+2", "math")]:  # + the graph's own example
+            label = node if node in root else "sci"
+            x = torch.tensor([router_prompt_ids(tok, query, "octograph")])
+            logits = model(input_ids=x).logits[0, -1]
+            pick = max(root, key=lambda c: float(logits[ids[c]]))
+            right += pick == label
+            total += 1
+    assert abs(right / total - result.train_accuracy["root"]) <= 1.5 / total
+    # With int8 weights the trained attention stays full precision, all four projections
+    # (vLLM runs q, k and v as one fused layer, which is quantized as a whole or not at all).
+    build(tiny_base, train_file, tmp_path / "q", tune_top_attention=True, quantize="int8")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert {f"model.layers.1.self_attn.{c}_proj" for c in "qkvo"} <= set(config["ignore"])
+    assert not any(n.startswith("model.layers.1.mlp") for n in config["ignore"])
+    generating = GRAPH.replace(
+        "children: [physics, biology]}", "children: [physics, biology], reformat: true}"
+    )
+    with pytest.raises(RouterBuildError, match="reformat"):
+        build(tiny_base, train_file, tmp_path / "c", tune_top_attention=True, graph=generating)
 
 
 def test_int8_build_saves_int8_linears_and_trains_against_them(

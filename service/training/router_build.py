@@ -353,10 +353,7 @@ def _features(model: Any, tokenizer: Any, prompts: list[tuple[str, str]], desc: 
     shared = _common_prefix(ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     config = model.config
-    kv_heads = int(config.num_key_value_heads)
-    head_dim = int(
-        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    )
+    kv_heads, head_dim = int(config.num_key_value_heads), _head_dim(config)
     longest = max(len(x) for x in ids) - shared
     n = len(ids)
     residual = torch.zeros(n, config.hidden_size, dtype=torch.float32)
@@ -435,11 +432,9 @@ _MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 _ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _rotate_half(x: Any) -> Any:
-    import torch
-
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _head_dim(config: Any) -> int:
+    heads = int(config.num_attention_heads)
+    return int(getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 class _TopHead:
@@ -460,9 +455,7 @@ class _TopHead:
         config = model.config
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
-        self.head_dim = int(
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
+        self.head_dim = _head_dim(config)
         self.tuned = [*self.mlp.parameters(), *self.norm.parameters()] if tune_mlp else []
         if tune_attention:
             self.tuned += [
@@ -475,10 +468,11 @@ class _TopHead:
 
     def __call__(self, f: _Features) -> Any:
         import torch
+        from transformers.models.llama.modeling_llama import rotate_half
 
         n, groups = len(f), self.heads // self.kv_heads
         q = self.attention.q_proj(self.input_norm(f.residual)).view(n, self.heads, self.head_dim)
-        q = q * f.cos[:, None] + _rotate_half(q) * f.sin[:, None]
+        q = q * f.cos[:, None] + rotate_half(q) * f.sin[:, None]  # type: ignore[no-untyped-call]
         q = q.view(n, self.kv_heads, groups, self.head_dim) * self.head_dim**-0.5
         prefix_scores = torch.einsum("nkgd,ktd->nkgt", q, f.prefix_keys)
         own_scores = torch.einsum("nkgd,nktd->nkgt", q, f.keys)
